@@ -1,0 +1,201 @@
+"""``dispatch serve | token | demo | grids check | replay | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from dispatch.errors import ConfigError
+
+
+def _settings(path: str | None) -> Any:
+    from dispatch.config import load_settings
+
+    return load_settings(Path(path) if path else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dispatch.config import load_data
+    from dispatch.logs import configure
+
+    settings = _settings(args.config)
+    configure(settings.log.level, settings.log.format)
+    import structlog
+
+    log = structlog.get_logger("dispatch")
+    settings.require_secret()
+    if settings.weak_secret:
+        log.warning("[auth] secret is shorter than 16 characters: anyone who guesses it can "
+                    "mint admin tokens")
+    data = load_data(settings)
+    run_server(settings, data, port=args.port)
+    return 0
+
+
+def run_server(settings: Any, data: Any, *, port: int | None = None,
+               ready: Any = None) -> None:
+    from aiohttp import web
+
+    from dispatch.server.app import create_app
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    app = create_app(settings, data)
+    if ready is not None:
+        app.on_startup.append(ready)
+    web.run_app(app, host=settings.server.host, port=port or settings.server.port,
+                print=None, shutdown_timeout=10, access_log=None,
+                handle_signals=True)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from dispatch.durations import parse_duration
+    from dispatch.server.auth import mint
+
+    settings = _settings(args.config)
+    secret = settings.require_secret()
+    ttl = parse_duration(args.ttl) if args.ttl else settings.auth.default_ttl
+    if args.role in ("operator", "monitor") and not args.scope:
+        print("error: operator and monitor tokens need --scope GRID", file=sys.stderr)
+        return 2
+    print(mint(secret, role=args.role, sub=args.sub, scope=args.scope, ttl=ttl))
+    return 0
+
+
+def cmd_grids_check(args: argparse.Namespace) -> int:
+    from dispatch.geo.grids import check_grids
+
+    problems = check_grids(Path(args.file))
+    errors = [p for p in problems if p.severity == "error"]
+    for p in problems:
+        print(f"{args.file}: {p.severity}: {p.message}")
+    print(f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from dispatch.log import open_log
+    from dispatch.wire.codec import decode_event, event_wire
+
+    settings = _settings(args.config)
+
+    async def go() -> int:
+        log = open_log(settings.store.url, base_dir=settings.store.base_dir)
+        try:
+            towns = [args.town] if args.town else _towns(settings)
+            for town in towns:
+                records = await log.read(town)
+                kinds: Counter[str] = Counter()
+                for i, rec in enumerate(records):
+                    ev = decode_event(rec.data)
+                    kinds[ev.type_name()] += 1
+                    if not args.summary:
+                        print(json.dumps(event_wire(ev), ensure_ascii=False))
+                    elif i % 50_000 == 0 and sys.stderr.isatty():
+                        print(f"\r{town}: {i}/{len(records)} events", end="", file=sys.stderr)
+                if args.summary:
+                    print(f"town {town}: {len(records)} events, last seq "
+                          f"{records[-1].seq if records else 0}")
+                    for k, n in sorted(kinds.items()):
+                        print(f"  {k:28s} {n}")
+        finally:
+            await log.close()
+        return 0
+
+    return asyncio.run(go())
+
+
+def _towns(settings: Any) -> list[str]:
+    from dispatch.config import load_data
+
+    return list(load_data(settings).towns)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dispatch.sim.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dispatch.sim.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispatch", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--config", "-c", default=os.environ.get("DISPATCH_CONFIG"))
+    s.add_argument("--port", type=int, default=None, help="override [server] port")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("token", help="print a signed token")
+    t.add_argument("--config", "-c", default=os.environ.get("DISPATCH_CONFIG"))
+    t.add_argument("--role", required=True, choices=["field", "operator", "admin", "monitor"])
+    t.add_argument("--sub", required=True, help="responder id (field) or user name")
+    t.add_argument("--scope", help="grid id whose subtree the token sees")
+    t.add_argument("--ttl", help="lifetime, e.g. 8h (default [auth] default_ttl)")
+    t.set_defaults(func=cmd_token)
+
+    g = sub.add_parser("grids", help="grid file tools")
+    gsub = g.add_subparsers(dest="grids_command", required=True)
+    gc = gsub.add_parser("check", help="report every problem in a grid file")
+    gc.add_argument("file")
+    gc.set_defaults(func=cmd_grids_check)
+
+    r = sub.add_parser("replay", help="print a town's events")
+    r.add_argument("--config", "-c", default=os.environ.get("DISPATCH_CONFIG"))
+    r.add_argument("--town")
+    r.add_argument("--summary", action="store_true", help="counts by type instead of events")
+    r.set_defaults(func=cmd_replay)
+
+    d = sub.add_parser("demo", help="run the demo town with simulated devices")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--dir", default=None, help="working folder (default ./var/demo)")
+    d.add_argument("--devices", type=int, default=None, help="simulated devices (default all)")
+    d.add_argument("--rate", type=float, default=1.0, help="reports per second, town-wide")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--fresh", action="store_true", help="start from an empty event log")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="load generator against a running server")
+    b.add_argument("--url", default="ws://127.0.0.1:8080")
+    b.add_argument("--config", "-c")
+    b.add_argument("--devices", type=int, default=1000)
+    b.add_argument("--rate", type=float, default=200.0, help="reports per second")
+    b.add_argument("--position-every", type=float, default=5.0)
+    b.add_argument("--screens", type=int, default=1)
+    b.add_argument("--duration", type=float, default=30.0)
+    b.add_argument("--processes", type=int, default=1)
+    b.add_argument("--out", default=None, help="JSON results file")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

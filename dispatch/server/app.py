@@ -1,0 +1,123 @@
+"""The aiohttp application: one factory, everything started and stopped in cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import WSCloseCode, web
+
+from dispatch.clock import Clock, SystemClock
+from dispatch.engine.engine import Engine
+from dispatch.geo.index import CellIndex
+from dispatch.log import open_log
+from dispatch.log.base import EventLog
+from dispatch.server import rest
+from dispatch.server.context import Context
+from dispatch.server.field import field_ws
+from dispatch.server.hub import Hub
+from dispatch.server.metrics import Metrics
+from dispatch.server.screen import screen_ws
+from dispatch.server.town import TownRunner
+
+log = structlog.get_logger("dispatch.server")
+
+
+def create_app(settings: Any, data: Any, *, event_log: EventLog | None = None,
+               clock: Clock | None = None) -> web.Application:
+    """Build the app. Tests inject ``event_log`` (e.g. a MemoryLog) and ``clock``."""
+    app = web.Application(
+        middlewares=[rest.problem_middleware],
+        client_max_size=max(settings.server.max_message_bytes, 1024),
+    )
+    runners: dict[str, TownRunner] = {}
+    metrics = Metrics(engines=lambda: [r.engine for r in runners.values()])
+    hub = Hub(metrics, stats_config=_stats_config(settings))
+    ctx = Context(
+        settings=settings,
+        data=data,
+        log=event_log,  # type: ignore[arg-type]  # opened in _lifecycle when None
+        clock=clock or SystemClock(),
+        metrics=metrics,
+        hub=hub,
+        runners=runners,
+        town_of_responder={rid: data.town_of[r.home_grid] for rid, r in data.roster.items()},
+        grids_json=json.dumps(data.gridset.feature_collection, ensure_ascii=False).encode(),
+    )
+    app[Context.KEY] = ctx
+    app.add_routes(rest.routes())
+    app.add_routes([web.get("/ws/field", field_ws), web.get("/ws/screen", screen_ws)])
+    static_dir = settings.server.static_dir
+    if static_dir is not None and Path(static_dir).is_dir():
+        index = Path(static_dir) / "index.html"
+
+        async def root(_request: web.Request) -> web.FileResponse:
+            return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+        app.router.add_get("/", root)
+        app.router.add_static("/static/", static_dir, show_index=False)
+    app.cleanup_ctx.append(_lifecycle(event_log is None))
+    app.on_shutdown.append(_close_connections)
+    return app
+
+
+def _stats_config(settings: Any) -> Any:
+    try:
+        from dispatch.stats import config_from_settings
+    except ImportError:
+        return None
+    return config_from_settings(settings)
+
+
+def _lifecycle(own_log: bool) -> Any:
+    async def ctx_(app: web.Application) -> AsyncIterator[None]:
+        ctx: Context = app[Context.KEY]
+        settings = ctx.settings
+        if own_log:
+            ctx.log = open_log(settings.store.url, base_dir=settings.store.base_dir)
+        timing = settings.timing
+        for town_id, town in ctx.data.towns.items():
+            runner = TownRunner(
+                town=town_id,
+                make_engine=lambda town=town: Engine(town, CellIndex(), ctx.data.gridset, timing),
+                log=ctx.log,
+                clock=ctx.clock,
+                sink=ctx.hub,
+                metrics=ctx.metrics,
+            )
+            n = await runner.load()
+            ctx.runners[town_id] = runner
+            runner.start()
+            log.info("town loaded", town=town_id, events=n, seq=runner.engine.state.seq,
+                     open=len(runner.engine.state.open_ids))
+        periodic = asyncio.create_task(ctx.hub.run_periodic(
+            settings.server.position_flush, settings.server.stats_interval, ctx.clock))
+        yield
+        periodic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await periodic
+        for runner in ctx.runners.values():
+            await runner.stop()
+        if own_log:
+            await ctx.log.close()
+        log.info("stopped; the log is flushed")
+
+    return ctx_
+
+
+async def _close_connections(app: web.Application) -> None:
+    """Graceful shutdown: tell every client to go away (1001); they resume elsewhere or later."""
+    ctx: Context = app[Context.KEY]
+    ctx.stopping = True
+    for outbox in ctx.hub.all_outboxes():
+        await outbox.flush(0.5)
+    await asyncio.gather(
+        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+          for ws in list(ctx.connections)),
+        return_exceptions=True,
+    )

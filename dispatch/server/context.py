@@ -1,0 +1,79 @@
+"""What every handler shares: settings, towns and their writers, the hub, metrics, the clock.
+
+One :class:`Context` per application, stored under ``app[Context.KEY]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from dispatch.clock import Clock
+from dispatch.log.base import EventLog
+from dispatch.server.hub import Hub
+from dispatch.server.metrics import Metrics
+from dispatch.server.town import TownRunner
+
+
+@dataclass(eq=False)
+class Context:
+    KEY = web.AppKey("dispatch_context", object)
+
+    settings: Any
+    data: Any
+    log: EventLog
+    clock: Clock
+    metrics: Metrics
+    hub: Hub
+    runners: dict[str, TownRunner] = field(default_factory=dict)
+    town_of_responder: dict[str, str] = field(default_factory=dict)
+    connections: set[web.WebSocketResponse] = field(default_factory=set)
+    stopping: bool = False
+    grids_json: bytes = b""
+
+    def runner_for_point(self, lon: float, lat: float) -> TownRunner | None:
+        located = self.data.gridset.locate(lon, lat)
+        if located is None:
+            return None
+        return self.runners.get(located.g1)
+
+    def town_of_grid(self, grid_id: str) -> str | None:
+        grids = self.data.gridset.grids
+        g = grids.get(grid_id)
+        while g is not None and g.parent is not None:
+            g = grids.get(g.parent)
+        return g.id if g is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.runners) and all(r.healthy for r in self.runners.values())
+
+
+def check_origin(request: web.Request, ctx: Context) -> None:
+    """Browsers send ``Origin``: accept the same host or one on the allow-list; devices that send
+    no ``Origin`` pass (they authenticate with their token)."""
+    origin = request.headers.get("Origin")
+    if not origin:
+        return
+    allowed = ctx.settings.server.allowed_origins
+    if origin in allowed or "*" in allowed:
+        return
+    if urlsplit(origin).netloc == request.host:
+        return
+    raise web.HTTPForbidden(
+        text='{"type":"about:blank","title":"Forbidden","status":403,"code":"forbidden",'
+        f'"detail":"Origin {origin} is not allowed; add it to [server] allowed_origins."}}',
+        content_type="application/problem+json",
+    )
+
+
+def ws_response(ctx: Context) -> web.WebSocketResponse:
+    s = ctx.settings.server
+    return web.WebSocketResponse(
+        heartbeat=s.heartbeat,
+        compress=False,
+        max_msg_size=s.max_message_bytes,
+    )

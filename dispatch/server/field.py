@@ -1,0 +1,231 @@
+"""``GET /ws/field``: a responder's device. PROTOCOL.md "Field channel"."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from dispatch.engine import commands as c
+from dispatch.engine.engine import Engine, Outcome
+from dispatch.errors import Rejected
+from dispatch.server.auth import verify
+from dispatch.server.context import Context, check_origin, ws_response
+from dispatch.server.hub import notice_frame
+from dispatch.server.limits import TokenBucket
+from dispatch.server.outbox import Outbox
+from dispatch.wire import messages as m
+from dispatch.wire.codec import decode_field, dumps, error_message, iso, parse_time
+from dispatch.wire.objects import incident_obj, responder_obj
+
+log = structlog.get_logger("dispatch.field")
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_HELLO_TIMEOUT = 4408
+CLOSE_FLOOD = 4429
+
+
+async def field_ws(request: web.Request) -> web.WebSocketResponse:
+    ctx: Context = request.app[Context.KEY]
+    check_origin(request, ctx)
+    ws = ws_response(ctx)
+    await ws.prepare(request)
+    ctx.connections.add(ws)
+    try:
+        await _session(ctx, ws)
+    finally:
+        ctx.connections.discard(ws)
+    return ws
+
+
+async def _receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) -> Any:
+    """Wait for ``hello`` (PROTOCOL: within 10 s, else 4408). Other frames get an error."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.server.hello_timeout
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            await ws.close(code=CLOSE_HELLO_TIMEOUT, message=b"hello expected within the time limit")
+            return None
+        try:
+            msg = await ws.receive(timeout=left)
+        except TimeoutError:
+            continue
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return None
+        try:
+            hello = decode(msg.data)
+        except Rejected as rej:
+            await ws.send_frame(error_message(rej.code, rej.message, rej.message_id),
+                                WSMsgType.TEXT)
+            continue
+        if not isinstance(hello, m.Hello):
+            await ws.send_frame(
+                error_message("bad_message", "Say hello first: the first message must be "
+                              "{\"type\": \"hello\", \"token\": …}.",
+                              getattr(hello, "id", None)), WSMsgType.TEXT)
+            continue
+        return hello
+
+
+async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
+    hello = await _receive_hello(ctx, ws, decode_field)
+    if hello is None:
+        return
+    try:
+        principal = verify(ctx.settings.auth.secret, hello.token)
+    except Rejected as rej:
+        await ws.close(code=CLOSE_UNAUTHORIZED, message=rej.message.encode()[:120])
+        return
+    if principal.role != "field":
+        await ws.close(code=CLOSE_FORBIDDEN, message=b"the field channel needs a field token")
+        return
+    rid = principal.sub
+    town = ctx.town_of_responder.get(rid)
+    if town is None:
+        await ws.close(code=CLOSE_FORBIDDEN, message=b"this responder is not in the roster")
+        return
+    runner = ctx.runners[town]
+    outbox = Outbox(ws, ctx.settings.server.queue_limit, on_evict=ctx.metrics.evictions.inc)
+    ctx.metrics.connections.labels("field").inc()
+    welcome_sent = False
+
+    def welcome(engine: Engine, _out: Outcome) -> None:
+        nonlocal welcome_sent
+        ctx.hub.add_device(rid, outbox)
+        r = engine.state.responders[rid]
+        held = engine.held_by(rid)
+        offers: list[dict[str, Any]] = []
+        assignments: list[dict[str, Any]] = []
+        if held is not None:
+            verify_ = engine.town.categories[held.category].verify
+            obj = incident_obj(held, verify=verify_)
+            if held.status == "offered":
+                offers.append({**obj, "expires_at": iso(held.offer_expires_at)})
+            else:
+                assignments.append(obj)
+        outbox.send(dumps({
+            "type": "welcome",
+            "responder": responder_obj(r, engine.state.index.position(rid)),
+            "server_time": iso(ctx.clock.now()),
+            "offers": offers,
+            "assignments": assignments,
+        }))
+        welcome_sent = True
+
+    try:
+        try:
+            await runner.submit(c.Connect(rid), after=welcome)
+        except Rejected as rej:
+            await ws.send_frame(error_message(rej.code, rej.message), WSMsgType.TEXT)
+            await ws.close(code=1011, message=b"could not register the device; retry")
+            return
+        log.info("field connected", responder=rid, town=town)
+        await _loop(ctx, ws, outbox, runner, rid, town)
+    finally:
+        ctx.metrics.connections.labels("field").dec()
+        left = ctx.hub.remove_device(rid, outbox) if welcome_sent else 0
+        await outbox.aclose()
+        if left == 0 and not ctx.stopping:
+            with contextlib.suppress(Exception):
+                await runner.submit(c.Disconnect(rid))
+        log.info("field disconnected", responder=rid, code=ws.close_code)
+
+
+async def _loop(ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner: Any,
+                rid: str, town: str) -> None:
+    s = ctx.settings.server
+    clock = ctx.clock
+    bucket = TokenBucket(s.rate, s.burst, s.flood_close_after, clock.now())
+    received = ctx.metrics.messages.labels("field")
+    engine_of = lambda: runner.engine  # noqa: E731 - the engine object changes on rebuild
+    async for msg in ws:
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            break
+        received.inc()
+        now = clock.now()
+        if not bucket.take(now):
+            if bucket.flooding(now):
+                await ws.close(code=CLOSE_FLOOD, message=b"too many messages")
+                break
+            outbox.send(error_message("rate_limited", f"Slow down: at most {s.rate:g} messages "
+                                      f"a second (bursts of {s.burst})."))
+            ctx.metrics.errors.labels("rate_limited").inc()
+            continue
+        try:
+            message = decode_field(msg.data)
+        except Rejected as rej:
+            ctx.metrics.errors.labels(rej.code).inc()
+            outbox.send(error_message(rej.code, rej.message, rej.message_id))
+            continue
+        if isinstance(message, m.Position):
+            ts = parse_time(message.ts) if message.ts is not None else now
+            engine_of().position(rid, message.lon, message.lat, min(ts or now, now))
+            ctx.hub.moved(town, rid)
+            continue
+        if isinstance(message, m.Positions):
+            if message.items:
+                engine = engine_of()
+                for lon, lat, ts in message.items:
+                    t = parse_time(ts) if ts is not None else now
+                    engine.position(rid, lon, lat, min(t or now, now))
+                ctx.hub.moved(town, rid)
+            continue
+        if isinstance(message, m.Ping):
+            outbox.send(dumps({"type": "pong", "id": message.id, "server_time": iso(now)}))
+            continue
+        if isinstance(message, m.Hello):
+            outbox.send(error_message("bad_message", "Already said hello on this connection."))
+            continue
+        asyncio.create_task(_command(ctx, outbox, runner, rid, message))
+
+
+def _field_command(rid: str, msg: Any) -> c.Command:
+    match msg:
+        case m.Report():
+            return c.Report(ref=msg.id, category=msg.category, lon=msg.lon, lat=msg.lat,
+                            source="field", actor=rid, description=msg.description,
+                            priority=msg.priority, handled=msg.handled, photos=tuple(msg.photos))
+        case m.Status():
+            return c.SetDuty(rid, msg.status)
+        case m.Accept():
+            return c.Accept(rid, msg.incident)
+        case m.Decline():
+            return c.Decline(rid, msg.incident, msg.reason)
+        case m.Arrive():
+            return c.Arrive(rid, msg.incident)
+        case m.Resolve():
+            return c.Resolve(rid, msg.incident, msg.note)
+        case m.Escalate():
+            return c.RequestEscalation(rid, msg.incident, msg.reason or msg.note)
+        case m.Close():
+            return c.Verify(rid, msg.incident, msg.note)
+    raise Rejected("unknown_type", f"{type(msg).__name__} is not a field command.")
+
+
+async def _command(ctx: Context, outbox: Outbox, runner: Any, rid: str, msg: Any) -> None:
+    mid = msg.id
+    try:
+        command = _field_command(rid, msg)
+        if isinstance(command, c.Report):
+            runner = ctx.runner_for_point(command.lon, command.lat) or runner
+        outcome: Outcome = await runner.submit(command)
+    except Rejected as rej:
+        ctx.metrics.errors.labels(rej.code).inc()
+        outbox.send(error_message(rej.code, rej.message, mid))
+        return
+    except Exception:
+        log.exception("field command failed", responder=rid, type=type(msg).__name__)
+        outbox.send(error_message("internal", "Internal error; retry.", mid))
+        return
+    ack: dict[str, Any] = {"type": "ack", "id": mid}
+    if outcome.incident is not None:
+        ack["incident"] = outcome.incident
+    outbox.send(dumps(ack))
+
+
+__all__ = ["field_ws", "notice_frame"]

@@ -1,0 +1,78 @@
+"""One bounded outgoing queue and one writer task per websocket, so no sender ever waits on the
+slowest client (``websockets`` docs, "broadcast"). Frames are encoded once by the caller and
+queued as bytes; a client whose queue overflows is closed with 4008 and resumes with ``since``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+
+from aiohttp import WSMsgType, web
+
+CLOSE_TOO_SLOW = 4008
+
+
+class Outbox:
+    __slots__ = ("_frames", "_on_evict", "_task", "_wake", "closed", "limit", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, limit: int,
+                 on_evict: Callable[[], None] | None = None) -> None:
+        self.ws = ws
+        self.limit = limit
+        self._frames: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self._on_evict = on_evict
+        self.closed = False
+        self._task = asyncio.create_task(self._pump())
+
+    def send(self, frame: bytes) -> None:
+        """Queue a text frame. Never blocks; evicts the client if it cannot keep up."""
+        if self.closed:
+            return
+        if len(self._frames) >= self.limit:
+            self.evict()
+            return
+        self._frames.append(frame)
+        self._wake.set()
+
+    def evict(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._frames.clear()
+        if self._on_evict is not None:
+            self._on_evict()
+        asyncio.create_task(
+            self.ws.close(code=CLOSE_TOO_SLOW, message=b"too slow: resume with since")
+        )
+
+    async def _pump(self) -> None:
+        frames = self._frames
+        ws = self.ws
+        try:
+            while not self.closed:
+                if not frames:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                frame = frames.popleft()
+                await ws.send_frame(frame, WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            self.closed = True
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (briefly) until everything queued was written, e.g. before a graceful close."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._frames and not self.closed:
+                    await asyncio.sleep(0.005)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._wake.set()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task

@@ -1,0 +1,247 @@
+"""REST under ``/api``, health, readiness and metrics. Errors are ``application/problem+json``
+(RFC 9457) carrying the wire error ``code``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from dispatch.engine import commands as c
+from dispatch.engine.engine import Engine
+from dispatch.errors import HTTP_STATUS, Rejected
+from dispatch.server.auth import Principal, verify
+from dispatch.server.context import Context
+from dispatch.server.screen import runner_of_incident
+from dispatch.stats import compute_stats
+from dispatch.wire.codec import decode_intake, dumps, event_wire, parse_time
+from dispatch.wire.objects import incident_obj, responder_obj
+
+TITLES = {
+    "bad_json": "Malformed JSON", "bad_message": "Invalid request", "unknown_type": "Unknown type",
+    "unauthorized": "Unauthorized", "forbidden": "Forbidden", "not_found": "Not found",
+    "conflict": "Conflict", "outside_area": "Outside the area",
+    "unknown_category": "Unknown category", "rate_limited": "Too many requests",
+    "too_large": "Too large", "unavailable": "Unavailable", "internal": "Internal error",
+}
+
+
+def problem(code: str, detail: str, status: int | None = None) -> web.Response:
+    status = status or HTTP_STATUS.get(code, 400)
+    body = {"type": f"/errors/{code}", "title": TITLES.get(code, code), "status": status,
+            "detail": detail, "code": code}
+    headers = {"WWW-Authenticate": 'Bearer realm="dispatch"'} if status == 401 else None
+    return web.Response(body=dumps(body), status=status, content_type="application/problem+json",
+                        headers=headers)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except Rejected as rej:
+        return problem(rej.code, rej.message)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/problem+json" or exc.status < 400:
+            raise
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "bad_message",
+                413: "too_large"}.get(exc.status, "bad_message")
+        return problem(code, exc.reason or exc.text or code, exc.status)
+
+
+def principal_of(request: web.Request, roles: frozenset[str] | None = None) -> Principal:
+    ctx: Context = request.app[Context.KEY]
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise Rejected("unauthorized", "Send 'Authorization: Bearer <token>'.")
+    principal = verify(ctx.settings.auth.secret, header[7:].strip())
+    if roles is not None and principal.role not in roles:
+        raise Rejected("forbidden", f"A {principal.role} token may not use this endpoint.")
+    return principal
+
+
+def json_response(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(doc), status=status, content_type="application/json")
+
+
+VIEWERS = frozenset({"operator", "monitor", "admin"})
+
+
+def _in_scope(principal: Principal, grids: dict[str, str]) -> bool:
+    return principal.is_admin or (principal.scope is not None and principal.scope in grids.values())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx: Context = request.app[Context.KEY]
+    problems: list[str] = []
+    try:
+        await ctx.log.ping()
+    except Exception as err:  # noqa: BLE001 - reported as not ready
+        problems.append(f"event log unreachable: {err}")
+    if not ctx.ready:
+        problems.append("a town is not loaded")
+    if problems:
+        return json_response({"status": "not ready", "problems": problems}, status=503)
+    return json_response({"status": "ready", "towns": sorted(ctx.runners)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx: Context = request.app[Context.KEY]
+    if not ctx.settings.auth.metrics_open:
+        principal_of(request, frozenset({"monitor", "admin"}))
+    return web.Response(body=ctx.metrics.exposition(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def grids(request: web.Request) -> web.Response:
+    principal_of(request)
+    ctx: Context = request.app[Context.KEY]
+    return web.Response(body=ctx.grids_json, content_type="application/geo+json")
+
+
+def _engines(ctx: Context) -> list[Engine]:
+    return [r.engine for r in ctx.runners.values()]
+
+
+async def list_incidents(request: web.Request) -> web.Response:
+    principal = principal_of(request, VIEWERS)
+    ctx: Context = request.app[Context.KEY]
+    q = request.query
+    statuses = set(q["status"].split(",")) if q.get("status") else None
+    try:
+        level = int(q["level"]) if q.get("level") else None
+        limit = min(int(q.get("limit", "100")), 1000)
+        since = parse_time(q["since"]) if q.get("since") else None
+    except ValueError:
+        raise Rejected("bad_message", "level and limit must be integers, since an RFC 3339 "
+                       "time.") from None
+    grid = q.get("grid")
+    found = []
+    for engine in _engines(ctx):
+        cats = engine.town.categories
+        for inc in engine.state.incidents.values():
+            if statuses is not None and inc.status not in statuses:
+                continue
+            if level is not None and inc.level != level:
+                continue
+            if grid is not None and grid not in inc.grids.values():
+                continue
+            if since is not None and inc.reported_at < since:
+                continue
+            if not _in_scope(principal, inc.grids):
+                continue
+            found.append((inc.reported_at, inc.id, inc, cats[inc.category].verify))
+    found.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    items = [incident_obj(inc, verify=v) for _, _, inc, v in found[:limit]]
+    return json_response({"items": items, "count": len(items), "total": len(found)})
+
+
+async def get_incident(request: web.Request) -> web.Response:
+    principal = principal_of(request, VIEWERS)
+    ctx: Context = request.app[Context.KEY]
+    iid = request.match_info["id"]
+    runner = runner_of_incident(ctx, iid, next(iter(ctx.runners.values())))
+    inc = runner.engine.state.incidents.get(iid)
+    if inc is None:
+        raise Rejected("not_found", f"There is no incident {iid!r}.")
+    if not _in_scope(principal, inc.grids):
+        raise Rejected("forbidden", f"Incident {iid} is outside your scope.")
+    timeline = [event_wire(ev) for ev in runner.timelines.get(iid, [])]
+    verify_ = runner.engine.town.categories[inc.category].verify
+    return json_response(incident_obj(inc, verify=verify_, timeline=timeline))
+
+
+async def candidates(request: web.Request) -> web.Response:
+    principal = principal_of(request, VIEWERS)
+    ctx: Context = request.app[Context.KEY]
+    iid = request.match_info["id"]
+    runner = runner_of_incident(ctx, iid, next(iter(ctx.runners.values())))
+    engine = runner.engine
+    inc = engine.incident(iid)
+    if not _in_scope(principal, inc.grids):
+        raise Rejected("forbidden", f"Incident {iid} is outside your scope.")
+    out = []
+    for rid, metres in engine.candidates(iid, ctx.clock.now(), k=10):
+        r = engine.state.responders[rid]
+        out.append({"responder": responder_obj(r, engine.state.index.position(rid)),
+                    "distance_m": round(metres, 1)})
+    return json_response(out)
+
+
+async def post_incident(request: web.Request) -> web.Response:
+    principal = principal_of(request, frozenset({"operator", "admin"}))
+    ctx: Context = request.app[Context.KEY]
+    body = await request.read()
+    if len(body) > ctx.settings.server.max_message_bytes:
+        raise Rejected("too_large", "The request body is over the message size limit.")
+    intake = decode_intake(body)
+    if intake.source not in ("field", "hotline", "citizen", "operator"):
+        raise Rejected("bad_message", "source must be one of field, hotline, citizen, operator.")
+    runner = ctx.runner_for_point(intake.lon, intake.lat)
+    if runner is None:
+        raise Rejected("outside_area", f"The point lon={intake.lon}, lat={intake.lat} is in no "
+                       "grid.")
+    located = ctx.data.gridset.locate(intake.lon, intake.lat)
+    if not principal.is_admin and (located is None or principal.scope not in
+                                   located.as_dict().values()):
+        raise Rejected("forbidden", "The point is outside your scope.")
+    command = c.Report(ref=intake.id, category=intake.category, lon=intake.lon, lat=intake.lat,
+                       source=intake.source, actor=principal.sub, description=intake.description,
+                       priority=intake.priority, handled=intake.handled,
+                       photos=tuple(intake.photos))
+
+    def view(engine: Engine, outcome: Any) -> dict[str, Any]:
+        inc = engine.state.incidents[outcome.incident]
+        doc = incident_obj(inc, verify=engine.town.categories[inc.category].verify)
+        doc["incident"] = inc.id
+        return doc
+
+    doc = await runner.submit(command, after=view)
+    return json_response(doc, status=201)
+
+
+async def list_responders(request: web.Request) -> web.Response:
+    principal = principal_of(request, VIEWERS)
+    ctx: Context = request.app[Context.KEY]
+    out = []
+    for engine in _engines(ctx):
+        for rid, r in engine.state.responders.items():
+            if principal.is_admin or (principal.scope is not None and engine.town.in_subtree(
+                    r.info.home_grid, principal.scope)):
+                out.append(responder_obj(r, engine.state.index.position(rid)))
+    return json_response({"items": out, "count": len(out)})
+
+
+async def stats(request: web.Request) -> web.Response:
+    principal = principal_of(request, VIEWERS)
+    ctx: Context = request.app[Context.KEY]
+    from dispatch.server.screen import resolve_scope
+
+    scope = resolve_scope(ctx, principal, request.query.get("scope"))
+    town = ctx.town_of_grid(scope)
+    assert town is not None
+    engine = ctx.runners[town].engine
+    return json_response(compute_stats(engine, scope, ctx.clock.now(), ctx.hub.stats_config))
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+        web.get("/api/grids", grids),
+        web.get("/api/incidents", list_incidents),
+        web.post("/api/incidents", post_incident),
+        web.get("/api/incidents/{id}", get_incident),
+        web.get("/api/incidents/{id}/candidates", candidates),
+        web.get("/api/responders", list_responders),
+        web.get("/api/stats", stats),
+    ]
+
+
+__all__ = ["msgspec", "problem", "problem_middleware", "routes"]

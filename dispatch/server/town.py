@@ -1,0 +1,278 @@
+"""The single writer of one town: the only task that touches its engine.
+
+Loop: take everything queued (up to ``max_batch``) → ``engine.tick(now)`` → ``engine.handle`` each
+command → append all events of the batch to the log in one call (group commit) → once durable,
+publish the events to screens, send notices to devices, run the ``after`` callbacks, and only
+then resolve the callers' futures (so every ``ack`` follows durability).
+
+If the append fails, nothing of the batch is acknowledged (callers get ``unavailable``) and the
+engine is rebuilt from the log, so its state never runs ahead of what is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from dispatch.clock import Clock
+from dispatch.engine.commands import Command, Notice
+from dispatch.engine.engine import Engine, Outcome
+from dispatch.engine.events import Event
+from dispatch.errors import LogError, Rejected
+from dispatch.log.base import EventLog, Record
+from dispatch.server.metrics import Metrics
+from dispatch.wire.codec import decode_event, encode_event
+
+log = structlog.get_logger("dispatch.town")
+
+
+class Sink(Protocol):
+    """Where durable events and notices go (the hub)."""
+
+    def publish(self, runner: TownRunner, events: list[Event]) -> None: ...
+
+    def loaded(self, runner: TownRunner, events: list[Event]) -> None: ...
+
+    def notify(self, runner: TownRunner, notices: list[Notice]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Item:
+    command: Command | None
+    future: asyncio.Future[Any]
+    after: Callable[[Engine, Outcome], Any] | None = None
+    query: Callable[[Engine], Any] | None = None
+
+
+@dataclass(slots=True)
+class _Done:
+    future: asyncio.Future[Any]
+    outcome: Outcome | BaseException
+    after: Callable[[Engine, Outcome], Any] | None = None
+    result: Any = None
+
+
+@dataclass
+class TownRunner:
+    town: str
+    make_engine: Callable[[], Engine]
+    log: EventLog
+    clock: Clock
+    sink: Sink
+    metrics: Metrics
+    max_batch: int = 512
+    epoch: int | None = None
+    engine: Engine = field(init=False)
+    timelines: dict[str, list[Event]] = field(init=False, default_factory=dict)
+    healthy: bool = field(init=False, default=False)
+    _inbox: asyncio.Queue[_Item] = field(init=False)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._inbox = asyncio.Queue()
+        self.engine = self.make_engine()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def load(self) -> int:
+        """Replay the town's log into a fresh engine; resume every clock. Returns events read."""
+        engine = self.make_engine()
+        if hasattr(self, "engine"):
+            _carry_positions(self.engine, engine)
+        timelines: dict[str, list[Event]] = {}
+        records = await self.log.read(self.town)
+        events = [decode_event(r.data) for r in records]
+        engine.replay(events)
+        for ev in events:
+            _add_timeline(timelines, ev)
+        engine.recover(self.clock.now())
+        self.engine = engine
+        self.timelines = timelines
+        self.sink.loaded(self, events)
+        self.healthy = True
+        return len(events)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"town-{self.town}")
+
+    async def stop(self) -> None:
+        """Finish what is queued (so nothing accepted is dropped), then stop."""
+        if self._task is None:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Item(None, done, query=lambda _e: None))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(done), 10)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    # ------------------------------------------------------------------ API for handlers
+
+    async def submit(self, command: Command,
+                     after: Callable[[Engine, Outcome], Any] | None = None) -> Any:
+        """Run a command; returns its :class:`Outcome` (or what ``after`` returned) once durable.
+
+        ``after(engine, outcome)`` runs in the writer right after the batch became durable, before
+        any later command: the place to take a consistent view (a device's welcome)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Item(command, fut, after))
+        return await fut
+
+    async def query(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` at a quiet point: everything before it is durable and published."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Item(None, fut, query=fn))
+        return await fut
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        inbox = self._inbox
+        while True:
+            if not self.healthy:
+                await self._recover()
+                continue
+            deadline = self.engine.next_deadline()
+            item: _Item | None = None
+            if deadline is None:
+                item = await inbox.get()
+            else:
+                delay = deadline - self.clock.now()
+                if delay > 0:
+                    try:
+                        async with asyncio.timeout(delay):
+                            item = await inbox.get()
+                    except TimeoutError:
+                        item = None
+                elif not inbox.empty():
+                    item = inbox.get_nowait()
+            batch: list[_Item] = [] if item is None else [item]
+            while len(batch) < self.max_batch and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            try:
+                await self._process(batch)
+            except Exception:  # a bug: keep the town alive, rebuild from the log
+                log.exception("town writer failed; rebuilding from the log", town=self.town)
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(Rejected("internal", "Internal error; retry."))
+                self.healthy = False
+
+    async def _process(self, batch: list[_Item]) -> None:
+        engine = self.engine
+        now = self.clock.now()
+        events: list[Event] = []
+        notices: list[Notice] = []
+        done: list[_Done] = []
+        tick = engine.tick(now)
+        events.extend(tick.events)
+        notices.extend(tick.notices)
+        for i, item in enumerate(batch):
+            if item.query is not None:
+                if events or done:
+                    if not await self._commit(events, notices, done):
+                        for rest in batch[i:]:
+                            if not rest.future.done():
+                                rest.future.set_exception(_unavailable())
+                        return
+                    events, notices, done = [], [], []
+                try:
+                    item.future.set_result(item.query(self.engine))
+                except Exception as err:  # noqa: BLE001 - reported to the caller
+                    item.future.set_exception(err)
+                continue
+            assert item.command is not None
+            try:
+                outcome = self.engine.handle(item.command, now)
+            except Rejected as rej:
+                done.append(_Done(item.future, rej))
+                continue
+            events.extend(outcome.events)
+            notices.extend(outcome.notices)
+            done.append(_Done(item.future, outcome, item.after))
+        if events or done:
+            await self._commit(events, notices, done)
+
+    async def _commit(self, events: list[Event], notices: list[Notice], done: list[_Done]) -> bool:
+        if events:
+            records = [Record(ev.seq, encode_event(ev)) for ev in events]
+            t0 = time.perf_counter()
+            try:
+                await self.log.append(self.town, records, epoch=self.epoch)
+            except LogError as err:
+                self.metrics.append_errors.inc()
+                log.warning("log append failed; nothing acknowledged", town=self.town,
+                            error=str(err), events=len(events))
+                for d in done:
+                    if not d.future.done():
+                        d.future.set_exception(_unavailable())
+                self.healthy = False
+                return False
+            self.metrics.append_latency.observe(time.perf_counter() - t0)
+            self.metrics.append_batch.observe(len(events))
+            for ev in events:
+                self.metrics.observe_event(ev)
+                _add_timeline(self.timelines, ev)
+            self.sink.publish(self, events)
+        if notices:
+            self.sink.notify(self, notices)
+        for d in done:
+            if d.future.done():
+                continue
+            if isinstance(d.outcome, BaseException):
+                d.future.set_exception(d.outcome)
+                continue
+            if d.after is not None:
+                try:
+                    d.future.set_result(d.after(self.engine, d.outcome))
+                except Exception as err:  # noqa: BLE001 - reported to the caller
+                    d.future.set_exception(err)
+            else:
+                d.future.set_result(d.outcome)
+        return True
+
+    async def _recover(self) -> None:
+        """Rebuild the engine from the log, retrying while the log is unreachable."""
+        delay = 0.1
+        while True:
+            try:
+                n = await self.load()
+                log.info("town rebuilt from the log", town=self.town, events=n)
+                return
+            except LogError as err:
+                log.warning("log unreachable; retrying", town=self.town, error=str(err))
+                self._fail_queued()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _fail_queued(self) -> None:
+        while not self._inbox.empty():
+            it = self._inbox.get_nowait()
+            if not it.future.done():
+                it.future.set_exception(_unavailable())
+
+
+def _unavailable() -> Rejected:
+    return Rejected("unavailable", "The change could not be made durable right now; retry shortly.")
+
+
+def _add_timeline(timelines: dict[str, list[Event]], ev: Event) -> None:
+    inc = getattr(ev, "incident", None)
+    if isinstance(inc, str):
+        timelines.setdefault(inc, []).append(ev)
+
+
+def _carry_positions(old: Engine, new: Engine) -> None:
+    """Positions are not in the log: keep them across a rebuild."""
+    for rid in old.state.responders:
+        pos = old.state.index.position(rid)
+        if pos is not None:
+            new.position(rid, *pos)
