@@ -22,7 +22,7 @@ EscalationReason = Literal["no_responder", "declined", "sla", "requested", "oper
 RevokeReason = Literal["timeout", "escalated", "closed", "operator", "offline", "declined"]
 
 
-class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, omit_defaults=True):
+class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     seq: int
     at: float
 

@@ -1,0 +1,363 @@
+"""The dispatch core end to end: a real server process, real websocket clients, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (
+    Client,
+    ServerProcess,
+    event_is,
+    field,
+    offer_for,
+    screen,
+    token,
+)
+
+V1A = (113.006, 22.606)
+V1B = (113.006, 22.636)
+V2B = (113.03, 22.63)
+
+
+async def report(c: Client, category: str = "fire_hazard", pos: tuple[float, float] = V1A,
+                 **kw: object) -> str:
+    ack = await c.request({"type": "report", "category": category, "lon": pos[0],
+                           "lat": pos[1], **kw})
+    assert ack["type"] == "ack", ack
+    return str(ack["incident"])
+
+
+async def test_full_lifecycle_with_timeline(server: ServerProcess) -> None:
+    scr = await screen(server)
+    await scr.wait_for(lambda m: m["type"] == "snapshot")
+    w1 = await field(server, "w1", (113.005, 22.605))
+    w2 = await field(server, "w2", (113.015, 22.615))
+    w3 = await field(server, "w3", V1B)
+    await asyncio.sleep(0.2)
+    inc = await report(w3, description="smoke")
+    offer = await w1.wait_for(offer_for(inc), what="offer to nearest w1")
+    assert offer["incident"]["grids"] == {"3": "V1A", "2": "V1", "1": "T0"}
+    assert offer["expires_at"].endswith("Z")
+    assert (await w1.request({"type": "decline", "incident": inc}))["type"] == "ack"
+    await w2.wait_for(offer_for(inc), what="offer passed on to w2")
+    assert (await w2.request({"type": "accept", "incident": inc}))["type"] == "ack"
+    # w1 declined: accepting now is a conflict
+    late = await w1.request({"type": "accept", "incident": inc})
+    assert late["type"] == "error" and late["code"] == "conflict", late
+    assert (await w2.request({"type": "arrive", "incident": inc}))["type"] == "ack"
+    assert (await w2.request({"type": "resolve", "incident": inc}))["type"] == "ack"
+    await scr.wait_for(event_is("incident.closed", inc))
+    await w3.wait_for(lambda m: m["type"] == "incident" and m["incident"]["status"] == "closed",
+                      what="reporter told of the closure")
+    st, _, doc = server.get(f"/api/incidents/{inc}", token("admin", "a"))
+    assert st == 200 and doc["status"] == "closed" and doc["on_time"] is True
+    types = [e["type"] for e in doc["timeline"]]
+    assert types == ["incident.reported", "incident.offered", "incident.declined",
+                     "incident.offered", "incident.assigned", "incident.arrived",
+                     "incident.resolved", "incident.closed"]
+    # the screen saw every event in seq order with no gap
+    seqs = [m["seq"] for m in scr.seen if m["type"] == "event"]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_kill9_after_ack_loses_nothing(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path)
+    srv.start()
+    try:
+        w1 = await field(srv, "w1", (113.005, 22.605))
+        await asyncio.sleep(0.2)
+        inc = await report(w1, category="sanitation")
+        await w1.wait_for(offer_for(inc))
+        ack = await w1.request({"type": "accept", "incident": inc})
+        assert ack["type"] == "ack"
+        srv.kill9()
+        await w1.closed()
+        srv.start()
+        w1 = await field(srv, "w1")
+        welcome = next(m for m in w1.seen if m["type"] == "welcome")
+        assert [a["id"] for a in welcome["assignments"]] == [inc]
+        assert welcome["assignments"][0]["status"] == "assigned"
+        assert welcome["responder"]["status"] == "assigned"
+        st, _, doc = srv.get(f"/api/incidents/{inc}", token("admin", "a"))
+        assert st == 200 and doc["responder"] == "w1" and doc["status"] == "assigned"
+        # and the work goes on after the restart
+        assert (await w1.request({"type": "resolve", "incident": inc}))["type"] == "ack"
+    finally:
+        srv.stop()
+
+
+async def test_bad_input_each_gets_its_code_and_the_connection_survives(
+        server: ServerProcess) -> None:
+    c = await field(server, "w5", V1B)
+    await c.send("{not json")
+    m = await c.wait_for(lambda m: m["type"] == "error")
+    assert m["code"] == "bad_json" and "JSON" in m["message"]
+    cases = [
+        ({"type": "no_such_thing"}, "unknown_type", "no_such_thing"),
+        ({"type": "report", "category": "fire_hazard", "lon": "east", "lat": 22.61},
+         "bad_message", "lon"),
+        ({"type": "report", "category": "fire_hazard", "lat": 22.61}, "bad_message", "lon"),
+        ({"type": "report", "category": "fire_hazard", "lon": 113.01, "lat": 22.61,
+          "priority": 9}, "bad_message", "priority"),
+        ({"type": "report", "category": "fire_hazard", "lon": 114.5, "lat": 23.5},
+         "outside_area", "114.5"),
+        ({"type": "report", "category": "nope", "lon": 113.01, "lat": 22.61},
+         "unknown_category", "nope"),
+        ({"type": "accept", "incident": "T0-999999"}, "not_found", "T0-999999"),
+        ({"type": "assign", "incident": "x", "responder": "w1"}, "unknown_type", "assign"),
+    ]
+    for msg, code, mentions in cases:
+        r = await c.request(dict(msg))
+        assert r["type"] == "error" and r["code"] == code, (msg, r)
+        assert mentions in r["message"], (mentions, r["message"])
+    await c.send(json.dumps([1, 2, 3]))
+    m = await c.wait_for(lambda m: m["type"] == "error")
+    assert m["code"] == "bad_message"
+    r = await c.request({"type": "status", "status": "available"})
+    assert r["type"] == "ack"
+    assert c.closed_code is None
+    # a frame over the size limit closes with 1009
+    await c.send("x" * 70_000)
+    assert await c.closed() == 1009
+
+
+async def test_hello_must_come_first_and_in_time(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path, extra='hello_timeout = "1s"')
+    srv.start()
+    try:
+        c = await Client.connect(srv.ws + "/ws/field")
+        await c.send({"type": "report", "id": "r1", "category": "fire_hazard", "lon": 113.01,
+                      "lat": 22.61})
+        err = await c.wait_for(lambda m: m["type"] == "error")
+        assert err["code"] == "bad_message" and "hello" in err["message"]
+        assert await c.closed() == 4408
+        c = await Client.connect(srv.ws + "/ws/field")
+        await c.send({"type": "hello", "token": token("field", "nobody")})
+        assert await c.closed() == 4403
+    finally:
+        srv.stop()
+
+
+async def test_report_is_idempotent_per_reporter(server: ServerProcess) -> None:
+    w3 = await field(server, "w3", V1B)
+    ref = str(uuid.uuid4())
+    a = await report(w3, id=ref)
+    b = await report(w3, id=ref)
+    assert a == b
+    st, _, doc = server.get("/api/incidents?limit=50", token("admin", "a"))
+    assert [i["id"] for i in doc["items"]].count(a) == 1
+
+
+async def test_offer_timeout_passes_on_and_offline_passes_on_at_once(
+        server: ServerProcess) -> None:
+    w1 = await field(server, "w1", (113.005, 22.605))
+    w2 = await field(server, "w2", (113.015, 22.615))
+    await asyncio.sleep(0.2)
+    inc = await report(w2, category="sanitation")
+    await w1.wait_for(offer_for(inc))
+    revoked = await w1.wait_for(lambda m: m["type"] == "offer_revoked", timeout=6)
+    assert revoked == {"type": "offer_revoked", "incident": inc, "reason": "timeout"}
+    await w2.wait_for(offer_for(inc), what="offer passed on after the timeout")
+    # w2 disconnects while holding the offer: after offline_after (2 s) it passes on at once
+    await w2.close()
+    scr = await screen(server)
+    await scr.wait_for(event_is("incident.offer_expired", inc, responder="w2", reason="offline"),
+                       timeout=6)
+
+
+async def test_escalation_no_responder_then_requested_then_operator(
+        server: ServerProcess) -> None:
+    scr = await screen(server)
+    await scr.wait_for(lambda m: m["type"] == "snapshot")
+    w6 = await field(server, "w6", V2B)
+    w5 = await field(server, "w5", V1B)
+    await asyncio.sleep(0.2)
+    # w4 (the only V2A worker) is offline: level 3 has nobody, level 2 (V2) has w6
+    inc = await report(w6, category="fire_hazard", pos=(113.03, 22.61))
+    e = await scr.wait_for(event_is("incident.escalated", inc))
+    assert (e["event"]["from_level"], e["event"]["to_level"], e["event"]["reason"]) == \
+        (3, 2, "no_responder")
+    await w6.wait_for(offer_for(inc))
+    assert (await w6.request({"type": "accept", "incident": inc}))["type"] == "ack"
+    r = await w6.request({"type": "escalate", "incident": inc, "reason": "needs the fire brigade"})
+    assert r["type"] == "ack"
+    revoked = await w6.wait_for(lambda m: m["type"] == "offer_revoked")
+    assert revoked["reason"] == "escalated"
+    e = await scr.wait_for(event_is("incident.escalated", inc, reason="requested"))
+    assert e["event"]["to_level"] == 1
+    # at level 1 the nearest eligible in the town is w5 (w6 asked to escalate: never again)
+    await w5.wait_for(offer_for(inc))
+    # operator escalation at level 1 is refused: nothing above the town
+    r = await scr.request({"type": "escalate", "incident": inc})
+    assert r["type"] == "error" and r["code"] == "conflict"
+
+
+async def test_sla_escalates_each_level_then_overdue(server: ServerProcess) -> None:
+    scr = await screen(server)
+    await scr.wait_for(lambda m: m["type"] == "snapshot")
+    w1 = await field(server, "w1", (113.005, 22.605))
+    await asyncio.sleep(0.2)
+    inc = await report(w1, category="quick")
+    await w1.wait_for(offer_for(inc))
+    assert (await w1.request({"type": "accept", "incident": inc}))["type"] == "ack"
+    e = await scr.wait_for(event_is("incident.escalated", inc, reason="sla"), timeout=5)
+    assert e["event"]["from_level"] == 3 and e["event"]["responder"] == "w1"
+    await w1.wait_for(lambda m: m["type"] == "offer_revoked" and m["reason"] == "escalated")
+    await scr.wait_for(event_is("incident.escalated", inc, reason="sla"), timeout=8)
+    await scr.wait_for(event_is("incident.overdue", inc), timeout=8)
+    st, _, doc = server.get(f"/api/incidents/{inc}", token("admin", "a"))
+    assert doc["overdue"] is True and doc["level"] == 1 and doc["on_time"] is False
+
+
+async def test_operator_commands_and_scope(server: ServerProcess) -> None:
+    w1 = await field(server, "w1", (113.005, 22.605))
+    d1 = await field(server, "d1", (113.02, 22.62))
+    await asyncio.sleep(0.2)
+    town = await screen(server, "T0")
+    await town.wait_for(lambda m: m["type"] == "snapshot")
+    v2 = await screen(server, "V2", sub="op-v2")
+    await v2.wait_for(lambda m: m["type"] == "snapshot")
+    inc = await report(w1, category="dispute")
+    await w1.wait_for(offer_for(inc))
+    # a village-2 operator cannot touch a village-1 incident
+    r = await v2.request({"type": "close", "incident": inc})
+    assert r["type"] == "error" and r["code"] == "forbidden"
+    # a monitor may watch but not act
+    mon = await screen(server, "T0", role="monitor", sub="mon")
+    await mon.wait_for(lambda m: m["type"] == "snapshot")
+    r = await mon.request({"type": "close", "incident": inc})
+    assert r["type"] == "error" and r["code"] == "forbidden"
+    # transfer to the police: the offer is withdrawn from w1 and goes to the police unit
+    r = await town.request({"type": "transfer", "incident": inc, "department": "police"})
+    assert r["type"] == "ack", r
+    assert (await w1.wait_for(lambda m: m["type"] == "offer_revoked"))["reason"] == "operator"
+    await d1.wait_for(offer_for(inc))
+    # direct assignment back to w1
+    r = await town.request({"type": "assign", "incident": inc, "responder": "w1"})
+    assert r["type"] == "ack", r
+    assigned = await w1.wait_for(lambda m: m["type"] == "assigned")
+    assert assigned["incident"]["id"] == inc and assigned["incident"]["responder"] == "w1"
+    assert (await d1.wait_for(lambda m: m["type"] == "offer_revoked"))["reason"] == "operator"
+    # dispute needs verification: resolved waits for an operator
+    assert (await w1.request({"type": "resolve", "incident": inc}))["type"] == "ack"
+    await town.wait_for(event_is("incident.resolved", inc))
+    st, _, doc = server.get(f"/api/incidents/{inc}", token("admin", "a"))
+    assert doc["status"] == "resolved"
+    r = await town.request({"type": "close", "incident": inc, "note": "verified on site"})
+    assert r["type"] == "ack"
+    await town.wait_for(event_is("incident.closed", inc))
+    r = await town.request({"type": "reopen", "incident": inc, "note": "came back"})
+    assert r["type"] == "ack"
+    e = await town.wait_for(event_is("incident.reopened", inc))
+    assert e["event"]["level"] == 3
+    st, _, doc = server.get(f"/api/incidents/{inc}", token("admin", "a"))
+    assert doc["reopened"] == 1 and doc["status"] in ("new", "offered")
+
+
+async def test_handled_on_the_spot_is_closed_at_once(server: ServerProcess) -> None:
+    scr = await screen(server)
+    await scr.wait_for(lambda m: m["type"] == "snapshot")
+    w1 = await field(server, "w1", (113.005, 22.605))
+    inc = await report(w1, category="sanitation", handled=True)
+    e = await scr.wait_for(event_is("incident.closed", inc))
+    assert e["event"]["on_time"] is True
+    st, _, doc = server.get(f"/api/incidents/{inc}", token("admin", "a"))
+    assert doc["status"] == "closed" and doc["level"] == 3 and doc["handled"] is True
+
+
+async def test_screen_resume_with_since_has_no_gap_and_no_duplicate(
+        server: ServerProcess) -> None:
+    w1 = await field(server, "w1", (113.005, 22.605))
+    scr = await screen(server)
+    snap = await scr.wait_for(lambda m: m["type"] == "snapshot")
+    first = await report(w1, category="sanitation", handled=True)
+    await scr.wait_for(event_is("incident.closed", first))
+    last_seq = max(m["seq"] for m in scr.seen if m["type"] == "event")
+    await scr.close()
+    missed = [await report(w1, category="sanitation", handled=True) for _ in range(3)]
+    again = await screen(server, since=last_seq)
+    await again.wait_for(event_is("incident.closed", missed[-1]))
+    types = {m["type"] for m in again.seen}
+    assert "snapshot" not in types
+    seqs = [m["seq"] for m in again.seen if m["type"] == "event"]
+    assert seqs == list(range(last_seq + 1, last_seq + 1 + len(seqs)))
+    assert snap["seq"] < last_seq
+    # a since from the future (e.g. after a database was replaced) gets a fresh snapshot
+    odd = await screen(server, since=10**9)
+    await odd.wait_for(lambda m: m["type"] == "snapshot")
+
+
+async def test_rest_auth_intake_and_filters(server: ServerProcess) -> None:
+    st, ctype, doc = server.get("/api/incidents")
+    assert st == 401 and "problem+json" in ctype and doc["code"] == "unauthorized"
+    st, ctype, doc = server.get("/api/incidents", token("field", "w1"))
+    assert st == 403 and doc["code"] == "forbidden"
+    op = token("operator", "clerk", scope="T0")
+    st, _, doc = server.post("/api/incidents", {"id": "hotline-1", "category": "sanitation",
+                                                "lon": 113.03, "lat": 22.63,
+                                                "source": "hotline", "description": "rubbish"},
+                             op)
+    assert st == 201 and doc["source"] == "hotline" and doc["grids"]["3"] == "V2B"
+    st, _, doc = server.post("/api/incidents", {"id": "hotline-2", "category": "sanitation",
+                                                "lon": 120.0, "lat": 22.63}, op)
+    assert st == 422 and doc["code"] == "outside_area"
+    st, _, doc = server.post("/api/incidents", b"{oops", op)
+    assert st == 400 and doc["code"] == "bad_json"
+    v1 = token("operator", "v1clerk", scope="V1")
+    st, _, doc = server.get("/api/incidents?grid=V2B", v1)
+    assert st == 200 and doc["items"] == []
+    st, _, doc = server.get("/api/incidents?grid=V2B&level=1", op)
+    assert st == 200 and all(i["level"] == 1 for i in doc["items"])
+    st, _, doc = server.get("/api/responders", v1)
+    assert {r["id"] for r in doc["items"]} == {"w1", "w2", "w3", "w5"}
+    st, _, doc = server.get("/api/stats?scope=V1", v1)
+    assert st == 200 and doc["scope"] == "V1"
+    st, _, doc = server.get("/api/stats?scope=T0", v1)
+    assert st == 403
+
+
+async def test_metrics_need_a_token_and_pass_promtool(server: ServerProcess) -> None:
+    w1 = await field(server, "w1", (113.005, 22.605))
+    await report(w1, category="sanitation", handled=True)
+    st, _, _ = server.get("/metrics")
+    assert st == 401
+    st, ctype, body = server.get("/metrics", token("monitor", "prom", scope="T0"))
+    assert st == 200 and ctype.startswith("text/plain")
+    text = body.decode() if isinstance(body, bytes) else str(body)
+    assert 'dispatch_incidents_reported_total{category="sanitation",source="field"} 1.0' in text
+    assert 'dispatch_connections{role="field"} 1.0' in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: apt-get install prometheus")
+    out = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                         capture_output=True, check=False)
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+
+
+async def test_rate_limit_answers_rate_limited_without_closing(server: ServerProcess) -> None:
+    c = await field(server, "w1", (113.005, 22.605))
+    for i in range(150):
+        await c.send({"type": "ping", "id": f"p{i}"})
+    err = await c.wait_for(lambda m: m["type"] == "error", timeout=5)
+    assert err["code"] == "rate_limited"
+    await asyncio.sleep(1.0)
+    r = await c.request({"type": "status", "status": "available"})
+    assert r["type"] == "ack" and c.closed_code is None
+
+
+async def test_graceful_shutdown_closes_with_1001(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path)
+    srv.start()
+    c = await field(srv, "w1", (113.005, 22.605))
+    s = await screen(srv)
+    await s.wait_for(lambda m: m["type"] == "snapshot")
+    assert srv.stop() == 0
+    assert await c.closed() == 1001
+    assert await s.closed() == 1001
