@@ -317,8 +317,8 @@ class ClusterSettings:
     """``[cluster]``: this process's name and its town-writer lease clocks."""
 
     instance_id: str = _factory(_default_instance_id, "str", check=_instance_ok)
-    lease_ttl: float = _dur("5s")
-    renew: float = _dur("1s")
+    lease_ttl: float = _dur("3s")
+    renew: float = _dur("750ms")
 
 
 _SECTIONS: dict[str, type[Any]] = {

@@ -598,7 +598,7 @@ class Engine:
         if inc is not None and inc.responder is not None and inc.responder not in touched:
             touched.append(inc.responder)
         before = [(r, state.responders[r].status) for r in touched if r in state.responders]
-        notices = _notices(state, event)
+        notices = notices_for(state, event)
         apply(state, event)
         out = self._out
         out.events.append(event)
@@ -611,7 +611,7 @@ class Engine:
                 out.events.append(status_event)
 
 
-def _notices(state: TownState, event: Event) -> list[Notice]:
+def notices_for(state: TownState, event: Event) -> list[Notice]:
     """Which devices must hear about an event, judged from the state *before* it applies.
 
     Pure and shared with followers (cluster mode), which fold the same events."""

@@ -15,7 +15,9 @@ from aiohttp import WSCloseCode, web
 from dispatch.clock import Clock, SystemClock
 from dispatch.engine.engine import Engine
 from dispatch.geo.index import CellIndex
+from dispatch.cluster.node import ClusterNode, instance_id
 from dispatch.log import open_log
+from dispatch.log.redis import RedisLog
 from dispatch.log.base import EventLog
 from dispatch.server import rest
 from dispatch.server.context import Context
@@ -81,7 +83,12 @@ def _lifecycle(own_log: bool) -> Any:
         if own_log:
             ctx.log = open_log(settings.store.url, base_dir=settings.store.base_dir)
         timing = settings.timing
-        for town_id, town in ctx.data.towns.items():
+        if isinstance(ctx.log, RedisLog):
+            ctx.node = ClusterNode(
+                ctx, ctx.log, instance=instance_id(settings.cluster.instance_id),
+                lease_ttl=settings.cluster.lease_ttl, renew=settings.cluster.renew)
+            await ctx.node.start()
+        for town_id, town in ({} if ctx.node else ctx.data.towns).items():
             runner = TownRunner(
                 town=town_id,
                 make_engine=lambda town=town: Engine(town, CellIndex(), ctx.data.gridset, timing),
@@ -101,8 +108,11 @@ def _lifecycle(own_log: bool) -> Any:
         periodic.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await periodic
-        for runner in ctx.runners.values():
-            await runner.stop()
+        if ctx.node is not None:
+            await ctx.node.stop()
+        else:
+            for runner in ctx.runners.values():
+                await runner.stop()
         if own_log:
             await ctx.log.close()
         log.info("stopped; the log is flushed")

@@ -15,7 +15,6 @@ from dispatch.clock import Clock
 from dispatch.log.base import EventLog
 from dispatch.server.hub import Hub
 from dispatch.server.metrics import Metrics
-from dispatch.server.town import TownRunner
 
 
 @dataclass(eq=False)
@@ -28,11 +27,19 @@ class Context:
     clock: Clock
     metrics: Metrics
     hub: Hub
-    runners: dict[str, TownRunner] = field(default_factory=dict)
+    runners: dict[str, Any] = field(default_factory=dict)
+    """Town id → its ``TownRunner`` (or, in distributed mode, its ``TownSlot``)."""
     town_of_responder: dict[str, str] = field(default_factory=dict)
     connections: set[web.WebSocketResponse] = field(default_factory=set)
     stopping: bool = False
     grids_json: bytes = b""
+    node: Any = None
+    """The ``ClusterNode`` in distributed mode (``[store] url = "redis://…"``), else ``None``."""
+
+    def position_out(self, town: str, rid: str, lon: float, lat: float, ts: float) -> None:
+        """Share a local device's position with the other instances (distributed mode)."""
+        if self.node is not None:
+            self.node.local_position(town, rid, lon, lat, ts)
 
     def runner_for_point(self, lon: float, lat: float) -> TownRunner | None:
         located = self.data.gridset.locate(lon, lat)

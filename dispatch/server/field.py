@@ -163,17 +163,19 @@ async def _loop(ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner:
             outbox.send(error_message(rej.code, rej.message, rej.message_id))
             continue
         if isinstance(message, m.Position):
-            ts = parse_time(message.ts) if message.ts is not None else now
-            engine_of().position(rid, message.lon, message.lat, min(ts or now, now))
+            ts = min(parse_time(message.ts) or now, now) if message.ts is not None else now
+            engine_of().position(rid, message.lon, message.lat, ts)
             ctx.hub.moved(town, rid)
+            ctx.position_out(town, rid, message.lon, message.lat, ts)
             continue
         if isinstance(message, m.Positions):
             if message.items:
                 engine = engine_of()
-                for lon, lat, ts in message.items:
-                    t = parse_time(ts) if ts is not None else now
-                    engine.position(rid, lon, lat, min(t or now, now))
+                for lon, lat, item_ts in message.items:
+                    t = min(parse_time(item_ts) or now, now) if item_ts is not None else now
+                    engine.position(rid, lon, lat, t)
                 ctx.hub.moved(town, rid)
+                ctx.position_out(town, rid, lon, lat, t)
             continue
         if isinstance(message, m.Ping):
             outbox.send(dumps({"type": "pong", "id": message.id, "server_time": iso(now)}))

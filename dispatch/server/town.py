@@ -80,11 +80,13 @@ class TownRunner:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def load(self) -> int:
-        """Replay the town's log into a fresh engine; resume every clock. Returns events read."""
+    async def load(self, previous: Engine | None = None) -> int:
+        """Replay the town's log into a fresh engine; resume every clock. Returns events read.
+
+        Positions are not in the log: they are carried over from ``previous`` (or from the
+        engine being replaced)."""
         engine = self.make_engine()
-        if hasattr(self, "engine"):
-            _carry_positions(self.engine, engine)
+        _carry_positions(previous or self.engine, engine)
         timelines: dict[str, list[Event]] = {}
         records = await self.log.read(self.town)
         events = [decode_event(r.data) for r in records]

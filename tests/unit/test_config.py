@@ -119,7 +119,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.store.sqlite_path == tmp_path / "dispatch.db"
     assert s.timing == Timing(60.0, 120.0, 30.0) == s.dispatch.timing
     assert (s.log.level, s.log.format) == ("info", "auto")
-    assert s.cluster.instance_id and (s.cluster.lease_ttl, s.cluster.renew) == (5, 1)
+    assert s.cluster.instance_id and (s.cluster.lease_ttl, s.cluster.renew) == (3, 0.75)
 
 
 def test_static_dir_defaults_to_the_repo_static_folder() -> None:
@@ -313,7 +313,7 @@ FILE_ERRORS = [
     ('[store]\nurl = "sqlite:///:memory:"\n', 'for a throw-away store use "memory://"'),
     ('[store]\nurl = "redis:///0"\n', '[store] url = "redis:///0": a redis url needs a host'),
     ('[store]\nurl = "memory://x"\n', '[store] url = "memory://x": the in-memory store'),
-    ('[cluster]\nrenew = "5s"\n', '[cluster] renew = "5s": must be below lease_ttl (5s, default)'),
+    ('[cluster]\nrenew = "5s"\n', '[cluster] renew = "5s": must be below lease_ttl (3s, default)'),
     ('[cluster]\ninstance_id = "a b"\n', '[cluster] instance_id = "a b": must not contain spaces'),
     ("[stats]\nweights = { crime = 1.0 }\n", '[stats] weights = {"crime": 1.0}: unknown group'),
     (
