@@ -26,6 +26,9 @@ from dispatch.server.hub import Hub
 from dispatch.server.metrics import Metrics
 from dispatch.server.screen import screen_ws
 from dispatch.server.town import TownRunner
+from dispatch.stats import compute_stats
+from dispatch.stats.config import config_from_settings
+from dispatch.stats.prometheus import metric_families, prometheus_samples
 
 log = structlog.get_logger("dispatch.server")
 
@@ -37,14 +40,22 @@ def create_app(settings: Any, data: Any, *, event_log: EventLog | None = None,
         middlewares=[rest.problem_middleware],
         client_max_size=max(settings.server.max_message_bytes, 1024),
     )
-    runners: dict[str, TownRunner] = {}
-    metrics = Metrics(engines=lambda: [r.engine for r in runners.values()])
-    hub = Hub(metrics, stats_config=_stats_config(settings))
+    runners: dict[str, Any] = {}
+    clock = clock or SystemClock()
+    stats_config = config_from_settings(settings)
+
+    def stats_families() -> list[Any]:
+        now = clock.now()
+        return metric_families(
+            [s for r in runners.values() for s in prometheus_samples(r.engine, now, stats_config)])
+
+    metrics = Metrics(engines=lambda: [r.engine for r in runners.values()], extra=stats_families)
+    hub = Hub(metrics, stats_config=stats_config)
     ctx = Context(
         settings=settings,
         data=data,
         log=event_log,  # type: ignore[arg-type]  # opened in _lifecycle when None
-        clock=clock or SystemClock(),
+        clock=clock,
         metrics=metrics,
         hub=hub,
         runners=runners,
@@ -66,14 +77,6 @@ def create_app(settings: Any, data: Any, *, event_log: EventLog | None = None,
     app.cleanup_ctx.append(_lifecycle(event_log is None))
     app.on_shutdown.append(_close_connections)
     return app
-
-
-def _stats_config(settings: Any) -> Any:
-    try:
-        from dispatch.stats import config_from_settings
-    except ImportError:
-        return None
-    return config_from_settings(settings)
 
 
 def _lifecycle(own_log: bool) -> Any:
@@ -102,6 +105,10 @@ def _lifecycle(own_log: bool) -> Any:
             runner.start()
             log.info("town loaded", town=town_id, events=n, seq=runner.engine.state.seq,
                      open=len(runner.engine.state.open_ids))
+        for runner in ctx.runners.values():  # build the statistics index before screens ask
+            for scope in runner.engine.town.grids:
+                if runner.engine.town.grids[scope].level == 1:
+                    compute_stats(runner.engine, scope, ctx.clock.now(), ctx.hub.stats_config)
         periodic = asyncio.create_task(ctx.hub.run_periodic(
             settings.server.position_flush, settings.server.stats_interval, ctx.clock))
         yield

@@ -33,10 +33,14 @@ APPEND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 
 
 class _StateCollector(Collector):
-    def __init__(self, engines: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, engines: Callable[[], Iterable[Any]],
+                 extra: Callable[[], Iterable[Any]] | None = None) -> None:
         self._engines = engines
+        self._extra = extra
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._extra is not None:
+            yield from self._extra()
         open_g = GaugeMetricFamily(
             "dispatch_open_incidents", "Open incidents by owning level and status",
             labels=["level", "status"])
@@ -67,7 +71,10 @@ class _StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engines: Callable[[], Iterable[Any]] | None = None) -> None:
+    def __init__(self, engines: Callable[[], Iterable[Any]] | None = None,
+                 extra: Callable[[], Iterable[Any]] | None = None) -> None:
+        """``engines`` feeds the open-incident and responder gauges at scrape time; ``extra``
+        yields further metric families (the governance statistics)."""
         r = self.registry = CollectorRegistry()
         self.incidents = Counter("dispatch_incidents_reported", "Incidents reported",
                                  ["category", "source"], registry=r)
@@ -102,7 +109,7 @@ class Metrics:
         for outcome in ("offered", "accepted", "declined", "expired"):
             self.offers.labels(outcome)
         if engines is not None:
-            r.register(_StateCollector(engines))
+            r.register(_StateCollector(engines, extra))
         self._offered_at: dict[str, float] = {}
         self._reported_at: dict[str, float] = {}
 

@@ -1,0 +1,177 @@
+"""Case-handling KPIs of a period, as national digital city management evaluates them.
+
+For a period ``[start, end)`` (the local day) seen at time ``now``, over a set of cases:
+
+* **reported**: cases with ``reported_at`` in the period.
+* **closed**: cases whose status is ``closed`` and whose ``closed_at`` is in the period.
+* **due (应结案)**: the closed cases, plus the cases *not closed* whose ``deadline`` fell in the
+  period (``start ≤ deadline ≤ now``, ``deadline < end``). Each case counts once. A case closed on
+  an earlier day is not due again because its deadline falls today: it was counted on its day.
+* **closed_on_time**: closed cases with ``on_time`` true (the engine's verdict at closing: not
+  escalated for ``sla``, not overdue, resolved before its deadline).
+* ``closure_rate = closed / due``, ``on_time_rate = closed_on_time / due``,
+  ``rework_rate = reworked / closed`` (closed cases that had been reopened at least once),
+  ``share_closed_l32 = closed_l32 / closed`` (closed while owned by level 3 or 2),
+  ``share_handled_on_spot = handled_on_spot / closed`` (reported with ``handled: true``).
+  A rate whose denominator is 0 is ``None``.
+* ``median_s`` (seconds; cases handled on the spot excluded, they have no dispatch):
+  ``offer`` = first offer − report, over cases first offered in the period; ``accept`` = first
+  assignment − first offer, over cases first assigned in the period (after an offer); ``arrive``
+  = first arrival − first assignment, over cases that arrived in the period; ``resolve`` = resolve
+  − report, over cases resolved in the period; ``close`` = close − report, over the closed cases.
+  The median of an even number of values is the mean of the middle two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from statistics import median
+from typing import Any
+
+from dispatch.engine.model import Town
+from dispatch.engine.state import Incident
+
+MEDIAN_KEYS: tuple[str, ...] = ("offer", "accept", "arrive", "resolve", "close")
+STATUSES: tuple[str, ...] = ("new", "offered", "assigned", "on_scene", "resolved", "closed")
+LEVEL_KEYS: tuple[str, str, str] = ("3", "2", "1")
+
+
+def rate(numerator: int, denominator: int) -> float | None:
+    """``numerator / denominator``, or ``None`` when the denominator is 0."""
+    return numerator / denominator if denominator else None
+
+
+def _median(values: list[float]) -> float | None:
+    return round(median(values), 3) if values else None
+
+
+def kpi(cases: Iterable[Incident], start: float, end: float, now: float) -> dict[str, Any]:
+    """The KPIs of ``cases`` for the period ``[start, end)`` seen at ``now`` (module docstring)."""
+    reported = due = closed = on_time = reworked = l32 = spot = 0
+    offer: list[float] = []
+    accept: list[float] = []
+    arrive: list[float] = []
+    resolve: list[float] = []
+    close: list[float] = []
+    for inc in cases:
+        rep = inc.reported_at
+        if start <= rep < end:
+            reported += 1
+        c = inc.closed_at
+        if inc.status == "closed":
+            if c is None or not start <= c < end:
+                continue
+            closed += 1
+            on_time += inc.on_time
+            reworked += inc.reopened > 0
+            l32 += inc.closed_level in (3, 2)
+            if inc.handled:
+                spot += 1
+                continue
+            close.append(c - rep)
+        else:
+            d = inc.deadline
+            if d is not None and start <= d <= now and d < end:
+                due += 1
+        if inc.handled:
+            continue
+        o, a, v, r = inc.offered_at, inc.assigned_at, inc.arrived_at, inc.resolved_at
+        if o is not None and start <= o < end:
+            offer.append(o - rep)
+        if a is not None and o is not None and start <= a < end and a >= o:
+            accept.append(a - o)
+        if v is not None and a is not None and start <= v < end:
+            arrive.append(v - a)
+        if r is not None and start <= r < end:
+            resolve.append(r - rep)
+    due += closed
+    return {
+        "reported": reported,
+        "due": due,
+        "closed": closed,
+        "closed_on_time": on_time,
+        "reworked": reworked,
+        "closed_l32": l32,
+        "handled_on_spot": spot,
+        "closure_rate": rate(closed, due),
+        "on_time_rate": rate(on_time, due),
+        "rework_rate": rate(reworked, closed),
+        "share_closed_l32": rate(l32, closed),
+        "share_handled_on_spot": rate(spot, closed),
+        "median_s": {
+            "offer": _median(offer),
+            "accept": _median(accept),
+            "arrive": _median(arrive),
+            "resolve": _median(resolve),
+            "close": _median(close),
+        },
+    }
+
+
+def case_level(inc: Incident) -> str:
+    """The level a case belongs to in the by-level breakdown: where it was closed, else the
+    level that owns it now."""
+    if inc.status == "closed" and inc.closed_level is not None:
+        return str(inc.closed_level)
+    return str(inc.level)
+
+
+def case_department(inc: Incident, town: Town) -> str | None:
+    """The department of a case: the one it was transferred to, else the department of the
+    responder who resolved it, else of the one holding it; ``None`` for grid-worker cases."""
+    if inc.department:
+        return inc.department
+    roster = town.roster
+    for rid in (inc.resolved_by, inc.responder):
+        if rid is not None:
+            info = roster.get(rid)
+            if info is not None and info.department:
+                return info.department
+    return None
+
+
+Groups = dict[str, list[Incident]]
+
+
+def split(cases: Iterable[Incident], town: Town, grid_key: str
+          ) -> tuple[Groups, Groups, Groups, Groups]:
+    """One pass: the cases by :func:`case_level`, by category, by ``grids[grid_key]`` and by
+    :func:`case_department` (cases without a grid of that level or a department are left out)."""
+    levels: Groups = {}
+    categories: Groups = {}
+    grids: Groups = {}
+    departments: Groups = {}
+    for inc in cases:
+        cl = inc.closed_level
+        lv = str(cl) if inc.status == "closed" and cl is not None else str(inc.level)
+        levels.setdefault(lv, []).append(inc)
+        categories.setdefault(inc.category, []).append(inc)
+        gid = inc.grids.get(grid_key)
+        if gid is not None:
+            grids.setdefault(gid, []).append(inc)
+        dept = case_department(inc, town)
+        if dept is not None:
+            departments.setdefault(dept, []).append(inc)
+    return levels, categories, grids, departments
+
+
+def breakdown(groups: Mapping[str, list[Incident]], start: float, end: float, now: float,
+              keys: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """KPIs per group; ``keys`` are always present (zeros), other groups when they have cases."""
+    out: dict[str, dict[str, Any]] = {k: kpi((), start, end, now) for k in keys}
+    for k in sorted(groups):
+        out[k] = kpi(groups[k], start, end, now)
+    return out
+
+
+def counts(reported: Iterable[Incident], town: Town) -> dict[str, dict[str, int]]:
+    """Cases reported in the period by current status, current level and category."""
+    by_status = dict.fromkeys(STATUSES, 0)
+    by_level = dict.fromkeys(LEVEL_KEYS, 0)
+    by_category = dict.fromkeys(sorted(town.categories), 0)
+    for inc in reported:
+        by_status[inc.status] = by_status.get(inc.status, 0) + 1
+        lv = str(inc.level)
+        by_level[lv] = by_level.get(lv, 0) + 1
+        by_category[inc.category] = by_category.get(inc.category, 0) + 1
+    return {"by_status": by_status, "by_level": by_level, "by_category": by_category}
