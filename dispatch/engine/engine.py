@@ -636,6 +636,11 @@ def notices_for(state: TownState, event: Event) -> list[Notice]:
         case IncidentResolved():
             if event.responder is not None and holder == event.responder:
                 out.append(Notice(event.responder, "incident", inc.id))
+            reporter = inc.reporter
+            if (reporter is not None and reporter != event.responder
+                    and reporter in state.responders
+                    and state.town.categories[inc.category].verify):
+                out.append(Notice(reporter, "incident", inc.id))  # asked to verify it
         case IncidentClosed():
             if holder is not None:
                 out.append(Notice(holder, "offer_revoked", inc.id, "closed"))

@@ -551,6 +551,10 @@ class PatrolBehaviour:
                 self._take(inc)
         elif mtype == "incident":
             inc = msg.get("incident")
+            if (isinstance(inc, dict) and inc.get("status") == "resolved" and inc.get("verify")
+                    and inc.get("reporter") == self.device.responder
+                    and inc.get("resolved_by") != self.device.responder):
+                self._spawn(self._verify(str(inc.get("id"))))
             job = self.job
             if isinstance(inc, dict) and job is not None and inc.get("id") == job.incident:
                 mine = inc.get("responder") == self.device.responder
@@ -595,6 +599,11 @@ class PatrolBehaviour:
             del self._offers[iid]
 
     # -- actions --
+
+    async def _verify(self, iid: str) -> None:
+        """The reporting grid worker checks the fix on site (核查) and closes the case."""
+        await asyncio.sleep(self._rng.uniform(*self.config.on_scene))
+        await self._request({"type": "close", "incident": iid, "note": "verified on site"})
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)

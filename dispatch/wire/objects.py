@@ -36,6 +36,7 @@ def incident_obj(inc: Incident, *, verify: bool = False, timeline: list[Any] | N
         "assigned_at": iso(inc.assigned_at),
         "arrived_at": iso(inc.arrived_at),
         "resolved_at": iso(inc.resolved_at),
+        "resolved_by": inc.resolved_by,
         "reopened": inc.reopened,
         "escalations": [
             {"from_level": e.from_level, "to_level": e.to_level, "reason": e.reason, "at": iso(e.at)}
