@@ -31,15 +31,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = structlog.get_logger("dispatch")
     settings.require_secret()
     if settings.weak_secret:
-        log.warning("[auth] secret is shorter than 16 characters: anyone who guesses it can "
-                    "mint admin tokens")
+        log.warning(
+            "[auth] secret is shorter than 16 characters: anyone who guesses it can "
+            "mint admin tokens"
+        )
     data = load_data(settings)
     run_server(settings, data, port=args.port)
     return 0
 
 
-def run_server(settings: Any, data: Any, *, port: int | None = None,
-               ready: Any = None) -> None:
+def run_server(settings: Any, data: Any, *, port: int | None = None, ready: Any = None) -> None:
     from aiohttp import web
 
     from dispatch.server.app import create_app
@@ -53,9 +54,15 @@ def run_server(settings: Any, data: Any, *, port: int | None = None,
     app = create_app(settings, data)
     if ready is not None:
         app.on_startup.append(ready)
-    web.run_app(app, host=settings.server.host, port=port or settings.server.port,
-                print=None, shutdown_timeout=10, access_log=None,
-                handle_signals=True)
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=port or settings.server.port,
+        print=None,
+        shutdown_timeout=10,
+        access_log=None,
+        handle_signals=True,
+    )
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -104,8 +111,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     elif i % 50_000 == 0 and sys.stderr.isatty():
                         print(f"\r{town}: {i}/{len(records)} events", end="", file=sys.stderr)
                 if args.summary:
-                    print(f"town {town}: {len(records)} events, last seq "
-                          f"{records[-1].seq if records else 0}")
+                    print(
+                        f"town {town}: {len(records)} events, last seq "
+                        f"{records[-1].seq if records else 0}"
+                    )
                     for k, n in sorted(kinds.items()):
                         print(f"  {k:28s} {n}")
         finally:

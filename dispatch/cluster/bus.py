@@ -33,9 +33,23 @@ log = structlog.get_logger("dispatch.cluster")
 
 COMMANDS: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (c.Report, c.Connect, c.Disconnect, c.SetDuty, c.Accept, c.Decline, c.Arrive,
-                c.Resolve, c.RequestEscalation, c.Verify, c.Assign, c.Transfer, c.Escalate,
-                c.Close, c.Reopen)
+    for cls in (
+        c.Report,
+        c.Connect,
+        c.Disconnect,
+        c.SetDuty,
+        c.Accept,
+        c.Decline,
+        c.Arrive,
+        c.Resolve,
+        c.RequestEscalation,
+        c.Verify,
+        c.Assign,
+        c.Transfer,
+        c.Escalate,
+        c.Close,
+        c.Reopen,
+    )
 }
 INBOX_MAXLEN = 100_000
 
@@ -68,9 +82,14 @@ def heartbeat_key(instance: str) -> str:
 class Bus:
     """One instance's side of the inbox replies and the positions channels."""
 
-    def __init__(self, client: aioredis.Redis, instance: str, towns: list[str],
-                 on_positions: Callable[[str, list[list[Any]]], None],
-                 request_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        instance: str,
+        towns: list[str],
+        on_positions: Callable[[str, list[list[Any]]], None],
+        request_timeout: float = 5.0,
+    ) -> None:
         self.client = client
         self.instance = instance
         self.towns = towns
@@ -105,14 +124,18 @@ class Bus:
             await self.client.xadd(
                 town_key(town, "inbox"),
                 {"from": self.instance, "req": req, "cmd": encode_command(command)},
-                maxlen=INBOX_MAXLEN, approximate=True)
+                maxlen=INBOX_MAXLEN,
+                approximate=True,
+            )
             async with asyncio.timeout(self.request_timeout):
                 answer = await fut
         except REDIS_ERRORS:
             raise _unavailable() from None
         except TimeoutError:
-            raise Rejected("unavailable", "The town's owner did not answer in time (it may be "
-                           "failing over); retry shortly.") from None
+            raise Rejected(
+                "unavailable",
+                "The town's owner did not answer in time (it may be failing over); retry shortly.",
+            ) from None
         finally:
             self._pending.pop(req, None)
         if not answer.get("ok"):
@@ -137,8 +160,10 @@ class Bus:
             items = list(out.values())
             out.clear()
             with contextlib.suppress(*REDIS_ERRORS):
-                await self.client.publish(town_key(town, "positions"),
-                                          _enc.encode({"from": self.instance, "items": items}))
+                await self.client.publish(
+                    town_key(town, "positions"),
+                    _enc.encode({"from": self.instance, "items": items}),
+                )
 
     # ------------------------------------------------------------------ listening
 
@@ -161,7 +186,7 @@ class Bus:
                 delay = min(delay * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _dispatch(self, channel: str, data: bytes) -> None:
         doc = _dec.decode(data)

@@ -93,8 +93,7 @@ class TownFollower:
                     delay = 0.1
             except LogError as err:
                 self.healthy = False
-                log.warning("following the town failed; retrying", town=self.town,
-                            error=str(err))
+                log.warning("following the town failed; retrying", town=self.town, error=str(err))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -118,11 +117,14 @@ class TownFollower:
             async with asyncio.timeout(timeout):
                 await fut
         except TimeoutError:
-            raise Rejected("unavailable", "The change is durable but this instance has not "
-                           "caught up yet; retry.") from None
+            raise Rejected(
+                "unavailable",
+                "The change is durable but this instance has not caught up yet; retry.",
+            ) from None
 
-    async def submit(self, command: Command,
-                     after: Callable[[Engine, Outcome], Any] | None = None) -> Any:
+    async def submit(
+        self, command: Command, after: Callable[[Engine, Outcome], Any] | None = None
+    ) -> Any:
         answer = await self.bus.request(self.town, command)
         await self._caught_up(int(answer.get("seq", 0)))
         outcome = Outcome(incident=answer.get("incident"))

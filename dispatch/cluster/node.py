@@ -73,9 +73,12 @@ class TownSlot:
     def healthy(self) -> bool:
         return self.role is not None and self.role.healthy
 
-    async def submit(self, command: c.Command,
-                     after: Callable[[Engine, Outcome], Any] | None = None,
-                     origin: str | None = None) -> Any:
+    async def submit(
+        self,
+        command: c.Command,
+        after: Callable[[Engine, Outcome], Any] | None = None,
+        origin: str | None = None,
+    ) -> Any:
         role = self.role
         if role is None:
             raise Rejected("unavailable", "The town is starting; retry shortly.")
@@ -98,8 +101,9 @@ class TownSlot:
 
 
 class ClusterNode:
-    def __init__(self, ctx: Any, log_: RedisLog, *, instance: str, lease_ttl: float,
-                 renew: float) -> None:
+    def __init__(
+        self, ctx: Any, log_: RedisLog, *, instance: str, lease_ttl: float, renew: float
+    ) -> None:
         self.ctx = ctx
         self.log = log_
         self.client = log_.client
@@ -112,6 +116,12 @@ class ClusterNode:
         self.bus = Bus(self.client, instance, list(ctx.data.towns), self._remote_positions)
         self._task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -144,7 +154,7 @@ class ClusterNode:
             await asyncio.sleep(self.renew)
             try:
                 await self._tick()
-            except Exception:  # noqa: BLE001 - the supervisor logs and goes on
+            except Exception:
                 log.exception("cluster tick failed")
 
     async def _flush_loop(self) -> None:
@@ -196,9 +206,15 @@ class ClusterNode:
     async def _become_owner(self, slot: TownSlot, epoch: int) -> None:
         previous = slot.role.engine if slot.role is not None else None
         await self._stop_role(slot)
-        runner = TownRunner(town=slot.town, make_engine=self._make_engine(slot.town),
-                            log=self.log, clock=self.ctx.clock, sink=self.ctx.hub,
-                            metrics=self.ctx.metrics, epoch=epoch)
+        runner = TownRunner(
+            town=slot.town,
+            make_engine=self._make_engine(slot.town),
+            log=self.log,
+            clock=self.ctx.clock,
+            sink=self.ctx.hub,
+            metrics=self.ctx.metrics,
+            epoch=epoch,
+        )
         n = await runner.load(previous)
         slot.role = runner
         slot.epoch = epoch
@@ -214,8 +230,13 @@ class ClusterNode:
         previous = slot.role.engine if slot.role is not None else None
         await self._stop_role(slot)
         slot.epoch = None
-        follower = TownFollower(town=slot.town, make_engine=self._make_engine(slot.town),
-                                log=self.log, sink=self.ctx.hub, bus=self.bus)
+        follower = TownFollower(
+            town=slot.town,
+            make_engine=self._make_engine(slot.town),
+            log=self.log,
+            sink=self.ctx.hub,
+            bus=self.bus,
+        )
         while True:
             try:
                 await follower.load(previous)
@@ -231,7 +252,7 @@ class ClusterNode:
         if self.epochs_seen.get(slot.town) != epoch:
             self.epochs_seen[slot.town] = epoch
             if epoch:
-                asyncio.create_task(self._announce_local(slot))
+                self._spawn(self._announce_local(slot))
 
     async def _announce_local(self, slot: TownSlot) -> None:
         town_of = self.ctx.town_of_responder
@@ -261,14 +282,14 @@ class ClusterNode:
         last = f"{max(since_ms, 0)}-0"
         while True:
             try:
-                reply = await self.client.xread({key: last}, count=500, block=1000)
+                reply: Any = await self.client.xread({key: last}, count=500, block=1000)
             except REDIS_ERRORS:
                 await asyncio.sleep(0.2)
                 continue
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
-                    asyncio.create_task(self._run_forwarded(slot, fields))
+                    self._spawn(self._run_forwarded(slot, fields))
 
     async def _run_forwarded(self, slot: TownSlot, fields: dict[bytes, bytes]) -> None:
         origin = fields[b"from"].decode()
@@ -276,11 +297,12 @@ class ClusterNode:
         try:
             command = decode_command(fields[b"cmd"])
             seq, incident = await slot.submit(
-                command, after=lambda e, o: (e.state.seq, o.incident), origin=origin)
+                command, after=lambda e, o: (e.state.seq, o.incident), origin=origin
+            )
             answer: dict[str, Any] = {"ok": True, "seq": seq, "incident": incident}
         except Rejected as rej:
             answer = {"ok": False, "code": rej.code, "message": rej.message}
-        except Exception:  # noqa: BLE001 - the requester gets an answer either way
+        except Exception:
             log.exception("forwarded command failed", town=slot.town)
             answer = {"ok": False, "code": "internal", "message": "Internal error; retry."}
         await self.bus.reply(origin, req, answer)

@@ -118,7 +118,9 @@ class Engine:
     def incident(self, incident_id: str) -> Incident:
         inc = self.state.incidents.get(incident_id)
         if inc is None:
-            raise Rejected("not_found", f"There is no incident {incident_id!r} in town {self.town.id}.")
+            raise Rejected(
+                "not_found", f"There is no incident {incident_id!r} in town {self.town.id}."
+            )
         return inc
 
     def responder(self, responder_id: str) -> Responder:
@@ -284,14 +286,22 @@ class Engine:
             fixer = cmd.actor if cmd.actor in self.state.responders else None
             self._emit(
                 IncidentResolved(
-                    seq=self._seq(), at=now, incident=inc_id, responder=fixer, by=cmd.actor,
+                    seq=self._seq(),
+                    at=now,
+                    incident=inc_id,
+                    responder=fixer,
+                    by=cmd.actor,
                     note="handled on the spot",
                 )
             )
             self._emit(
                 IncidentClosed(
-                    seq=self._seq(), at=now, incident=inc_id, by=cmd.actor,
-                    note="handled on the spot", on_time=True,
+                    seq=self._seq(),
+                    at=now,
+                    incident=inc_id,
+                    by=cmd.actor,
+                    note="handled on the spot",
+                    on_time=True,
                 )
             )
         else:
@@ -313,7 +323,10 @@ class Engine:
             return
         self._emit(
             ResponderPresence(
-                seq=self._seq(), at=now, responder=r.info.id, online=True,
+                seq=self._seq(),
+                at=now,
+                responder=r.info.id,
+                online=True,
                 duty="off" if off else "on",
             )
         )
@@ -321,7 +334,10 @@ class Engine:
         if off and held is not None and held.status == "offered":
             self._emit(
                 IncidentDeclined(
-                    seq=self._seq(), at=now, incident=held.id, responder=r.info.id,
+                    seq=self._seq(),
+                    at=now,
+                    incident=held.id,
+                    responder=r.info.id,
                     reason="off_duty",
                 )
             )
@@ -349,7 +365,10 @@ class Engine:
             return
         self._emit(
             IncidentDeclined(
-                seq=self._seq(), at=now, incident=inc.id, responder=cmd.responder,
+                seq=self._seq(),
+                at=now,
+                incident=inc.id,
+                responder=cmd.responder,
                 reason=cmd.reason,
             )
         )
@@ -406,7 +425,9 @@ class Engine:
     def _verify(self, cmd: Verify, now: float) -> None:
         inc = self.incident(cmd.incident)
         if inc.status != "resolved":
-            raise Rejected("conflict", f"Incident {inc.id} is {inc.status}, not awaiting verification.")
+            raise Rejected(
+                "conflict", f"Incident {inc.id} is {inc.status}, not awaiting verification."
+            )
         if inc.reporter != cmd.responder:
             raise Rejected("forbidden", f"Only its reporter or an operator may close {inc.id}.")
         if inc.resolved_by == cmd.responder:
@@ -415,19 +436,23 @@ class Engine:
             )
         self._emit(
             IncidentClosed(
-                seq=self._seq(), at=now, incident=inc.id, by=cmd.responder, note=cmd.note,
+                seq=self._seq(),
+                at=now,
+                incident=inc.id,
+                by=cmd.responder,
+                note=cmd.note,
                 on_time=inc.on_time,
             )
         )
 
     # ------------------------------------------------------------------ operator rules
 
-    def _operator_target(self, incident_id: str, scope: str | None, *, unresolved: bool) -> Incident:
+    def _operator_target(
+        self, incident_id: str, scope: str | None, *, unresolved: bool
+    ) -> Incident:
         inc = self.incident(incident_id)
         if scope is not None and scope not in inc.grids.values():
-            raise Rejected(
-                "forbidden", f"Incident {inc.id} is outside your scope {scope}."
-            )
+            raise Rejected("forbidden", f"Incident {inc.id} is outside your scope {scope}.")
         if unresolved and inc.status not in UNRESOLVED:
             raise Rejected("conflict", f"Incident {inc.id} is already {inc.status}.")
         return inc
@@ -435,8 +460,10 @@ class Engine:
     def _assign(self, cmd: Assign, now: float) -> None:
         inc = self._operator_target(cmd.incident, cmd.scope, unresolved=True)
         r = self.responder(cmd.responder)
-        if cmd.scope is not None and r.info.kind != "department" and not self.town.in_subtree(
-            r.info.home_grid, cmd.scope
+        if (
+            cmd.scope is not None
+            and r.info.kind != "department"
+            and not self.town.in_subtree(r.info.home_grid, cmd.scope)
         ):
             raise Rejected("forbidden", f"Responder {r.info.id} is outside your scope {cmd.scope}.")
         if inc.responder == r.info.id and inc.status in ("assigned", "on_scene"):
@@ -464,8 +491,12 @@ class Engine:
             )
         self._emit(
             IncidentTransferred(
-                seq=self._seq(), at=now, incident=inc.id, department=cmd.department,
-                responder=inc.responder, by=cmd.actor,
+                seq=self._seq(),
+                at=now,
+                incident=inc.id,
+                department=cmd.department,
+                responder=inc.responder,
+                by=cmd.actor,
             )
         )
         self._dispatch(inc, now)
@@ -479,7 +510,11 @@ class Engine:
         )
         self._emit(
             IncidentClosed(
-                seq=self._seq(), at=now, incident=inc.id, by=cmd.actor, note=cmd.note,
+                seq=self._seq(),
+                at=now,
+                incident=inc.id,
+                by=cmd.actor,
+                note=cmd.note,
                 on_time=on_time,
             )
         )
@@ -492,8 +527,13 @@ class Engine:
         limit = self.town.categories[inc.category].limits[level]
         self._emit(
             IncidentReopened(
-                seq=self._seq(), at=now, incident=inc.id, level=level, deadline=now + limit,
-                by=cmd.actor, note=cmd.note,
+                seq=self._seq(),
+                at=now,
+                incident=inc.id,
+                level=level,
+                deadline=now + limit,
+                by=cmd.actor,
+                note=cmd.note,
             )
         )
         self._dispatch(inc, now)
@@ -524,8 +564,12 @@ class Engine:
             rid, metres = found[0]
             self._emit(
                 IncidentOffered(
-                    seq=self._seq(), at=now, incident=inc.id, responder=rid,
-                    expires_at=now + self.timing.offer_timeout, distance_m=round(metres, 1),
+                    seq=self._seq(),
+                    at=now,
+                    incident=inc.id,
+                    responder=rid,
+                    expires_at=now + self.timing.offer_timeout,
+                    distance_m=round(metres, 1),
                 )
             )
         elif inc.department is None and inc.level > 1:
@@ -544,9 +588,16 @@ class Engine:
         to_level = inc.level - 1
         self._emit(
             IncidentEscalated(
-                seq=self._seq(), at=now, incident=inc.id, from_level=inc.level, to_level=to_level,
-                reason=reason, deadline=now + self.town.categories[inc.category].limits[to_level],
-                responder=inc.responder, by=by, note=note,
+                seq=self._seq(),
+                at=now,
+                incident=inc.id,
+                from_level=inc.level,
+                to_level=to_level,
+                reason=reason,
+                deadline=now + self.town.categories[inc.category].limits[to_level],
+                responder=inc.responder,
+                by=by,
+                note=note,
             )
         )
         self._dispatch(inc, now)
@@ -606,7 +657,9 @@ class Engine:
         for r, old in before:
             new = state.responders[r].status
             if new != old:
-                status_event = ResponderStatus(seq=self._seq(), at=event.at, responder=r, status=new)
+                status_event = ResponderStatus(
+                    seq=self._seq(), at=event.at, responder=r, status=new
+                )
                 apply(state, status_event)
                 out.events.append(status_event)
 
@@ -637,9 +690,12 @@ def notices_for(state: TownState, event: Event) -> list[Notice]:
             if event.responder is not None and holder == event.responder:
                 out.append(Notice(event.responder, "incident", inc.id))
             reporter = inc.reporter
-            if (reporter is not None and reporter != event.responder
-                    and reporter in state.responders
-                    and state.town.categories[inc.category].verify):
+            if (
+                reporter is not None
+                and reporter != event.responder
+                and reporter in state.responders
+                and state.town.categories[inc.category].verify
+            ):
                 out.append(Notice(reporter, "incident", inc.id))  # asked to verify it
         case IncidentClosed():
             if holder is not None:

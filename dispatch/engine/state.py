@@ -200,7 +200,9 @@ def _release(state: TownState, inc: Incident) -> None:
     inc.offer_expires_at = None
 
 
-def _hold(state: TownState, inc: Incident, rid: str, holding: Literal["offer", "assignment"]) -> None:
+def _hold(
+    state: TownState, inc: Incident, rid: str, holding: Literal["offer", "assignment"]
+) -> None:
     r = state.responders[rid]
     if r.incident is not None and r.incident != inc.id:
         raise IllegalTransition(f"{rid} already holds {r.incident}")

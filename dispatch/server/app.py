@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,13 @@ import structlog
 from aiohttp import WSCloseCode, web
 
 from dispatch.clock import Clock, SystemClock
-from dispatch.engine.engine import Engine
-from dispatch.geo.index import CellIndex
 from dispatch.cluster.node import ClusterNode, instance_id
+from dispatch.engine.engine import Engine
+from dispatch.engine.model import Timing, Town
+from dispatch.geo.index import CellIndex
 from dispatch.log import open_log
-from dispatch.log.redis import RedisLog
 from dispatch.log.base import EventLog
+from dispatch.log.redis import RedisLog
 from dispatch.server import rest
 from dispatch.server.context import Context
 from dispatch.server.field import field_ws
@@ -33,8 +34,9 @@ from dispatch.stats.prometheus import metric_families, prometheus_samples
 log = structlog.get_logger("dispatch.server")
 
 
-def create_app(settings: Any, data: Any, *, event_log: EventLog | None = None,
-               clock: Clock | None = None) -> web.Application:
+def create_app(
+    settings: Any, data: Any, *, event_log: EventLog | None = None, clock: Clock | None = None
+) -> web.Application:
     """Build the app. Tests inject ``event_log`` (e.g. a MemoryLog) and ``clock``."""
     app = web.Application(
         middlewares=[rest.problem_middleware],
@@ -47,7 +49,8 @@ def create_app(settings: Any, data: Any, *, event_log: EventLog | None = None,
     def stats_families() -> list[Any]:
         now = clock.now()
         return metric_families(
-            [s for r in runners.values() for s in prometheus_samples(r.engine, now, stats_config)])
+            [s for r in runners.values() for s in prometheus_samples(r.engine, now, stats_config)]
+        )
 
     metrics = Metrics(engines=lambda: [r.engine for r in runners.values()], extra=stats_families)
     hub = Hub(metrics, stats_config=stats_config)
@@ -79,6 +82,13 @@ def create_app(settings: Any, data: Any, *, event_log: EventLog | None = None,
     return app
 
 
+def _engine_factory(town: Town, gridset: Any, timing: Timing) -> Callable[[], Engine]:
+    def make() -> Engine:
+        return Engine(town, CellIndex(), gridset, timing)
+
+    return make
+
+
 def _lifecycle(own_log: bool) -> Any:
     async def ctx_(app: web.Application) -> AsyncIterator[None]:
         ctx: Context = app[Context.KEY]
@@ -88,13 +98,17 @@ def _lifecycle(own_log: bool) -> Any:
         timing = settings.timing
         if isinstance(ctx.log, RedisLog):
             ctx.node = ClusterNode(
-                ctx, ctx.log, instance=instance_id(settings.cluster.instance_id),
-                lease_ttl=settings.cluster.lease_ttl, renew=settings.cluster.renew)
+                ctx,
+                ctx.log,
+                instance=instance_id(settings.cluster.instance_id),
+                lease_ttl=settings.cluster.lease_ttl,
+                renew=settings.cluster.renew,
+            )
             await ctx.node.start()
         for town_id, town in ({} if ctx.node else ctx.data.towns).items():
             runner = TownRunner(
                 town=town_id,
-                make_engine=lambda town=town: Engine(town, CellIndex(), ctx.data.gridset, timing),
+                make_engine=_engine_factory(town, ctx.data.gridset, timing),
                 log=ctx.log,
                 clock=ctx.clock,
                 sink=ctx.hub,
@@ -103,14 +117,22 @@ def _lifecycle(own_log: bool) -> Any:
             n = await runner.load()
             ctx.runners[town_id] = runner
             runner.start()
-            log.info("town loaded", town=town_id, events=n, seq=runner.engine.state.seq,
-                     open=len(runner.engine.state.open_ids))
+            log.info(
+                "town loaded",
+                town=town_id,
+                events=n,
+                seq=runner.engine.state.seq,
+                open=len(runner.engine.state.open_ids),
+            )
         for runner in ctx.runners.values():  # build the statistics index before screens ask
             for scope in runner.engine.town.grids:
                 if runner.engine.town.grids[scope].level == 1:
                     compute_stats(runner.engine, scope, ctx.clock.now(), ctx.hub.stats_config)
-        periodic = asyncio.create_task(ctx.hub.run_periodic(
-            settings.server.position_flush, settings.server.stats_interval, ctx.clock))
+        periodic = asyncio.create_task(
+            ctx.hub.run_periodic(
+                settings.server.position_flush, settings.server.stats_interval, ctx.clock
+            )
+        )
         yield
         periodic.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -134,7 +156,9 @@ async def _close_connections(app: web.Application) -> None:
     for outbox in ctx.hub.all_outboxes():
         await outbox.flush(0.5)
     await asyncio.gather(
-        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-          for ws in list(ctx.connections)),
+        *(
+            ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+            for ws in list(ctx.connections)
+        ),
         return_exceptions=True,
     )

@@ -29,12 +29,22 @@ class Principal:
         return self.role == "admin"
 
 
-def mint(secret: str, *, role: str, sub: str, scope: str | None = None, ttl: float = 8 * 3600,
-         now: float | None = None) -> str:
+def mint(
+    secret: str,
+    *,
+    role: str,
+    sub: str,
+    scope: str | None = None,
+    ttl: float = 8 * 3600,
+    now: float | None = None,
+) -> str:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(sorted(ROLES))}, not {role!r}")
-    claims: dict[str, object] = {"sub": sub, "role": role,
-                                 "exp": int((now if now is not None else time.time()) + ttl)}
+    claims: dict[str, object] = {
+        "sub": sub,
+        "role": role,
+        "exp": int((now if now is not None else time.time()) + ttl),
+    }
     if scope:
         claims["scope"] = scope
     return jwt.encode(claims, secret, algorithm="HS256")
@@ -43,8 +53,9 @@ def mint(secret: str, *, role: str, sub: str, scope: str | None = None, ttl: flo
 def verify(secret: str, token: str) -> Principal:
     """Check signature, expiry and claims; raise ``Rejected('unauthorized', …)`` if bad."""
     try:
-        claims = jwt.decode(token, secret, algorithms=["HS256"],
-                            options={"require": ["exp", "sub", "role"]})
+        claims = jwt.decode(
+            token, secret, algorithms=["HS256"], options={"require": ["exp", "sub", "role"]}
+        )
     except jwt.ExpiredSignatureError:
         raise Rejected("unauthorized", "The token has expired; get a new one.") from None
     except jwt.InvalidTokenError as err:

@@ -6,7 +6,7 @@ One :class:`Context` per application, stored under ``app[Context.KEY]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -19,7 +19,7 @@ from dispatch.server.metrics import Metrics
 
 @dataclass(eq=False)
 class Context:
-    KEY = web.AppKey("dispatch_context", object)
+    KEY: ClassVar[web.AppKey[Context]]
 
     settings: Any
     data: Any
@@ -41,7 +41,7 @@ class Context:
         if self.node is not None:
             self.node.local_position(town, rid, lon, lat, ts)
 
-    def runner_for_point(self, lon: float, lat: float) -> TownRunner | None:
+    def runner_for_point(self, lon: float, lat: float) -> Any:
         located = self.data.gridset.locate(lon, lat)
         if located is None:
             return None
@@ -57,6 +57,9 @@ class Context:
     @property
     def ready(self) -> bool:
         return bool(self.runners) and all(r.healthy for r in self.runners.values())
+
+
+Context.KEY = web.AppKey("dispatch_context", Context)
 
 
 def check_origin(request: web.Request, ctx: Context) -> None:

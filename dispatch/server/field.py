@@ -49,7 +49,9 @@ async def _receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) -
     while True:
         left = deadline - loop.time()
         if left <= 0:
-            await ws.close(code=CLOSE_HELLO_TIMEOUT, message=b"hello expected within the time limit")
+            await ws.close(
+                code=CLOSE_HELLO_TIMEOUT, message=b"hello expected within the time limit"
+            )
             return None
         try:
             msg = await ws.receive(timeout=left)
@@ -60,14 +62,19 @@ async def _receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) -
         try:
             hello = decode(msg.data)
         except Rejected as rej:
-            await ws.send_frame(error_message(rej.code, rej.message, rej.message_id),
-                                WSMsgType.TEXT)
+            await ws.send_frame(
+                error_message(rej.code, rej.message, rej.message_id), WSMsgType.TEXT
+            )
             continue
         if not isinstance(hello, m.Hello):
             await ws.send_frame(
-                error_message("bad_message", "Say hello first: the first message must be "
-                              "{\"type\": \"hello\", \"token\": …}.",
-                              getattr(hello, "id", None)), WSMsgType.TEXT)
+                error_message(
+                    "bad_message",
+                    'Say hello first: the first message must be {"type": "hello", "token": …}.',
+                    getattr(hello, "id", None),
+                ),
+                WSMsgType.TEXT,
+            )
             continue
         return hello
 
@@ -108,13 +115,17 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
                 offers.append({**obj, "expires_at": iso(held.offer_expires_at)})
             else:
                 assignments.append(obj)
-        outbox.send(dumps({
-            "type": "welcome",
-            "responder": responder_obj(r, engine.state.index.position(rid)),
-            "server_time": iso(ctx.clock.now()),
-            "offers": offers,
-            "assignments": assignments,
-        }))
+        outbox.send(
+            dumps(
+                {
+                    "type": "welcome",
+                    "responder": responder_obj(r, engine.state.index.position(rid)),
+                    "server_time": iso(ctx.clock.now()),
+                    "offers": offers,
+                    "assignments": assignments,
+                }
+            )
+        )
         welcome_sent = True
 
     try:
@@ -136,13 +147,19 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
         log.info("field disconnected", responder=rid, code=ws.close_code)
 
 
-async def _loop(ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner: Any,
-                rid: str, town: str) -> None:
+async def _loop(
+    ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner: Any, rid: str, town: str
+) -> None:
     s = ctx.settings.server
     clock = ctx.clock
     bucket = TokenBucket(s.rate, s.burst, s.flood_close_after, clock.now())
     received = ctx.metrics.messages.labels("field")
-    engine_of = lambda: runner.engine  # noqa: E731 - the engine object changes on rebuild
+
+    def engine_of() -> Engine:
+        engine: Engine = runner.engine  # the engine object changes on rebuild and failover
+        return engine
+
+    pending: set[asyncio.Task[None]] = set()  # commands in flight on this connection
     async for msg in ws:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             break
@@ -152,8 +169,12 @@ async def _loop(ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner:
             if bucket.flooding(now):
                 await ws.close(code=CLOSE_FLOOD, message=b"too many messages")
                 break
-            outbox.send(error_message("rate_limited", f"Slow down: at most {s.rate:g} messages "
-                                      f"a second (bursts of {s.burst})."))
+            outbox.send(
+                error_message(
+                    "rate_limited",
+                    f"Slow down: at most {s.rate:g} messages a second (bursts of {s.burst}).",
+                )
+            )
             ctx.metrics.errors.labels("rate_limited").inc()
             continue
         try:
@@ -183,15 +204,26 @@ async def _loop(ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner:
         if isinstance(message, m.Hello):
             outbox.send(error_message("bad_message", "Already said hello on this connection."))
             continue
-        asyncio.create_task(_command(ctx, outbox, runner, rid, message))
+        task = asyncio.create_task(_command(ctx, outbox, runner, rid, message))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
 
 
 def _field_command(rid: str, msg: Any) -> c.Command:
     match msg:
         case m.Report():
-            return c.Report(ref=msg.id, category=msg.category, lon=msg.lon, lat=msg.lat,
-                            source="field", actor=rid, description=msg.description,
-                            priority=msg.priority, handled=msg.handled, photos=tuple(msg.photos))
+            return c.Report(
+                ref=msg.id,
+                category=msg.category,
+                lon=msg.lon,
+                lat=msg.lat,
+                source="field",
+                actor=rid,
+                description=msg.description,
+                priority=msg.priority,
+                handled=msg.handled,
+                photos=tuple(msg.photos),
+            )
         case m.Status():
             return c.SetDuty(rid, msg.status)
         case m.Accept():
@@ -206,6 +238,8 @@ def _field_command(rid: str, msg: Any) -> c.Command:
             return c.RequestEscalation(rid, msg.incident, msg.reason or msg.note)
         case m.Close():
             return c.Verify(rid, msg.incident, msg.note)
+        case _:
+            pass
     raise Rejected("unknown_type", f"{type(msg).__name__} is not a field command.")
 
 

@@ -66,7 +66,7 @@ class Hub:
         self.runners[runner.town] = runner
         f = self.feed(runner.town)
         f.ring.clear()
-        for ev in events[-self.ring_size:]:
+        for ev in events[-self.ring_size :]:
             f.ring.append((ev.seq, self._scopes(runner.engine, ev), self._frame(ev)))
 
     def publish(self, runner: TownRunner, events: list[Event]) -> None:
@@ -160,7 +160,9 @@ class Hub:
         state = engine.state
         town = engine.town
         incidents = [
-            incident_obj(state.incidents[i], verify=town.categories[state.incidents[i].category].verify)
+            incident_obj(
+                state.incidents[i], verify=town.categories[state.incidents[i].category].verify
+            )
             for i in sorted(state.open_ids)
             if scope in state.incidents[i].grids.values()
         ]
@@ -254,8 +256,13 @@ def notice_frame(engine: Engine, n: Notice) -> bytes | None:
     if n.kind == "offer":
         if inc.status != "offered" or inc.responder != n.responder:
             return None
-        return dumps({"type": "offer", "incident": incident_obj(inc, verify=verify),
-                      "expires_at": iso(inc.offer_expires_at)})
+        return dumps(
+            {
+                "type": "offer",
+                "incident": incident_obj(inc, verify=verify),
+                "expires_at": iso(inc.offer_expires_at),
+            }
+        )
     if n.kind == "offer_revoked":
         return dumps({"type": "offer_revoked", "incident": inc.id, "reason": n.reason})
     if n.kind == "assigned":

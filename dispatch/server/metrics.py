@@ -26,15 +26,46 @@ from dispatch.engine.events import (
     IncidentReported,
 )
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                   60, 120, 300)
-APPEND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                  0.5, 1.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+APPEND_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 
 
 class _StateCollector(Collector):
-    def __init__(self, engines: Callable[[], Iterable[Any]],
-                 extra: Callable[[], Iterable[Any]] | None = None) -> None:
+    def __init__(
+        self, engines: Callable[[], Iterable[Any]], extra: Callable[[], Iterable[Any]] | None = None
+    ) -> None:
         self._engines = engines
         self._extra = extra
 
@@ -42,12 +73,14 @@ class _StateCollector(Collector):
         if self._extra is not None:
             yield from self._extra()
         open_g = GaugeMetricFamily(
-            "dispatch_open_incidents", "Open incidents by owning level and status",
-            labels=["level", "status"])
-        resp_g = GaugeMetricFamily(
-            "dispatch_responders", "Responders by status", labels=["status"])
+            "dispatch_open_incidents",
+            "Open incidents by owning level and status",
+            labels=["level", "status"],
+        )
+        resp_g = GaugeMetricFamily("dispatch_responders", "Responders by status", labels=["status"])
         overdue_g = GaugeMetricFamily(
-            "dispatch_overdue_incidents", "Open level-1 incidents past their time limit")
+            "dispatch_overdue_incidents", "Open level-1 incidents past their time limit"
+        )
         inc_tally: Tally[tuple[str, str]] = Tally()
         resp_tally: Tally[str] = Tally()
         overdue = 0
@@ -71,38 +104,63 @@ class _StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engines: Callable[[], Iterable[Any]] | None = None,
-                 extra: Callable[[], Iterable[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        engines: Callable[[], Iterable[Any]] | None = None,
+        extra: Callable[[], Iterable[Any]] | None = None,
+    ) -> None:
         """``engines`` feeds the open-incident and responder gauges at scrape time; ``extra``
         yields further metric families (the governance statistics)."""
         r = self.registry = CollectorRegistry()
-        self.incidents = Counter("dispatch_incidents_reported", "Incidents reported",
-                                 ["category", "source"], registry=r)
-        self.escalations = Counter("dispatch_escalations", "Escalations between levels",
-                                   ["reason", "from_level", "to_level"], registry=r)
+        self.incidents = Counter(
+            "dispatch_incidents_reported", "Incidents reported", ["category", "source"], registry=r
+        )
+        self.escalations = Counter(
+            "dispatch_escalations",
+            "Escalations between levels",
+            ["reason", "from_level", "to_level"],
+            registry=r,
+        )
         self.offers = Counter("dispatch_offers", "Offers by outcome", ["outcome"], registry=r)
         self.report_to_offer = Histogram(
-            "dispatch_report_to_offer_seconds", "From report to the first offer",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "dispatch_report_to_offer_seconds",
+            "From report to the first offer",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.offer_to_accept = Histogram(
-            "dispatch_offer_to_accept_seconds", "From an offer to its acceptance",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "dispatch_offer_to_accept_seconds",
+            "From an offer to its acceptance",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.append_latency = Histogram(
-            "dispatch_log_append_seconds", "Event log append (durable) latency per batch",
-            buckets=APPEND_BUCKETS, registry=r)
+            "dispatch_log_append_seconds",
+            "Event log append (durable) latency per batch",
+            buckets=APPEND_BUCKETS,
+            registry=r,
+        )
         self.append_batch = Histogram(
-            "dispatch_log_append_batch_events", "Events per durable append",
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
-        self.append_errors = Counter("dispatch_log_append_errors", "Failed log appends",
-                                     registry=r)
-        self.connections = Gauge("dispatch_connections", "Open websocket connections by role",
-                                 ["role"], registry=r)
-        self.messages = Counter("dispatch_messages_received", "Client messages received",
-                                ["channel"], registry=r)
-        self.errors = Counter("dispatch_client_errors", "Errors sent to clients", ["code"],
-                              registry=r)
-        self.evictions = Counter("dispatch_slow_consumers_closed",
-                                 "Connections closed because they could not keep up", registry=r)
+            "dispatch_log_append_batch_events",
+            "Events per durable append",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
+        self.append_errors = Counter("dispatch_log_append_errors", "Failed log appends", registry=r)
+        self.connections = Gauge(
+            "dispatch_connections", "Open websocket connections by role", ["role"], registry=r
+        )
+        self.messages = Counter(
+            "dispatch_messages_received", "Client messages received", ["channel"], registry=r
+        )
+        self.errors = Counter(
+            "dispatch_client_errors", "Errors sent to clients", ["code"], registry=r
+        )
+        self.evictions = Counter(
+            "dispatch_slow_consumers_closed",
+            "Connections closed because they could not keep up",
+            registry=r,
+        )
         self.events = Counter("dispatch_events", "Durable events by type", ["type"], registry=r)
         for role in ("field", "screen"):
             self.connections.labels(role)
@@ -139,8 +197,9 @@ class Metrics:
                 self.offers.labels("expired").inc()
                 self._offered_at.pop(event.incident, None)
             case IncidentEscalated():
-                self.escalations.labels(event.reason, str(event.from_level),
-                                        str(event.to_level)).inc()
+                self.escalations.labels(
+                    event.reason, str(event.from_level), str(event.to_level)
+                ).inc()
                 self._offered_at.pop(event.incident, None)
                 self._reported_at.pop(event.incident, None)
             case _:

@@ -16,14 +16,28 @@ CLOSE_TOO_SLOW = 4008
 
 
 class Outbox:
-    __slots__ = ("_frames", "_on_evict", "_task", "_wake", "closed", "limit", "ws")
+    __slots__ = (
+        "_closer",
+        "_drained",
+        "_frames",
+        "_on_evict",
+        "_task",
+        "_wake",
+        "closed",
+        "limit",
+        "ws",
+    )
 
-    def __init__(self, ws: web.WebSocketResponse, limit: int,
-                 on_evict: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, limit: int, on_evict: Callable[[], None] | None = None
+    ) -> None:
         self.ws = ws
         self.limit = limit
         self._frames: deque[bytes] = deque()
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closer: asyncio.Task[bool] | None = None
         self._on_evict = on_evict
         self.closed = False
         self._task = asyncio.create_task(self._pump())
@@ -36,6 +50,7 @@ class Outbox:
             self.evict()
             return
         self._frames.append(frame)
+        self._drained.clear()
         self._wake.set()
 
     def evict(self) -> None:
@@ -45,7 +60,8 @@ class Outbox:
         self._frames.clear()
         if self._on_evict is not None:
             self._on_evict()
-        asyncio.create_task(
+        self._drained.set()
+        self._closer = asyncio.create_task(
             self.ws.close(code=CLOSE_TOO_SLOW, message=b"too slow: resume with since")
         )
 
@@ -55,6 +71,7 @@ class Outbox:
         try:
             while not self.closed:
                 if not frames:
+                    self._drained.set()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -62,13 +79,13 @@ class Outbox:
                 await ws.send_frame(frame, WSMsgType.TEXT)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             self.closed = True
+            self._drained.set()
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait (briefly) until everything queued was written, e.g. before a graceful close."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while self._frames and not self.closed:
-                    await asyncio.sleep(0.005)
+                await self._drained.wait()
 
     async def aclose(self) -> None:
         self.closed = True

@@ -19,21 +19,35 @@ from dispatch.wire.codec import decode_intake, dumps, event_wire, parse_time
 from dispatch.wire.objects import incident_obj, responder_obj
 
 TITLES = {
-    "bad_json": "Malformed JSON", "bad_message": "Invalid request", "unknown_type": "Unknown type",
-    "unauthorized": "Unauthorized", "forbidden": "Forbidden", "not_found": "Not found",
-    "conflict": "Conflict", "outside_area": "Outside the area",
-    "unknown_category": "Unknown category", "rate_limited": "Too many requests",
-    "too_large": "Too large", "unavailable": "Unavailable", "internal": "Internal error",
+    "bad_json": "Malformed JSON",
+    "bad_message": "Invalid request",
+    "unknown_type": "Unknown type",
+    "unauthorized": "Unauthorized",
+    "forbidden": "Forbidden",
+    "not_found": "Not found",
+    "conflict": "Conflict",
+    "outside_area": "Outside the area",
+    "unknown_category": "Unknown category",
+    "rate_limited": "Too many requests",
+    "too_large": "Too large",
+    "unavailable": "Unavailable",
+    "internal": "Internal error",
 }
 
 
 def problem(code: str, detail: str, status: int | None = None) -> web.Response:
     status = status or HTTP_STATUS.get(code, 400)
-    body = {"type": f"/errors/{code}", "title": TITLES.get(code, code), "status": status,
-            "detail": detail, "code": code}
+    body = {
+        "type": f"/errors/{code}",
+        "title": TITLES.get(code, code),
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
     headers = {"WWW-Authenticate": 'Bearer realm="dispatch"'} if status == 401 else None
-    return web.Response(body=dumps(body), status=status, content_type="application/problem+json",
-                        headers=headers)
+    return web.Response(
+        body=dumps(body), status=status, content_type="application/problem+json", headers=headers
+    )
 
 
 @web.middleware
@@ -45,8 +59,13 @@ async def problem_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.content_type == "application/problem+json" or exc.status < 400:
             raise
-        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "bad_message",
-                413: "too_large"}.get(exc.status, "bad_message")
+        code = {
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "bad_message",
+            413: "too_large",
+        }.get(exc.status, "bad_message")
         return problem(code, exc.reason or exc.text or code, exc.status)
 
 
@@ -81,7 +100,7 @@ async def readyz(request: web.Request) -> web.Response:
     problems: list[str] = []
     try:
         await ctx.log.ping()
-    except Exception as err:  # noqa: BLE001 - reported as not ready
+    except Exception as err:
         problems.append(f"event log unreachable: {err}")
     if not ctx.ready:
         problems.append("a town is not loaded")
@@ -94,8 +113,10 @@ async def metrics(request: web.Request) -> web.Response:
     ctx: Context = request.app[Context.KEY]
     if not ctx.settings.auth.metrics_open:
         principal_of(request, frozenset({"monitor", "admin"}))
-    return web.Response(body=ctx.metrics.exposition(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=ctx.metrics.exposition(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 async def grids(request: web.Request) -> web.Response:
@@ -118,8 +139,9 @@ async def list_incidents(request: web.Request) -> web.Response:
         limit = min(int(q.get("limit", "100")), 1000)
         since = parse_time(q["since"]) if q.get("since") else None
     except ValueError:
-        raise Rejected("bad_message", "level and limit must be integers, since an RFC 3339 "
-                       "time.") from None
+        raise Rejected(
+            "bad_message", "level and limit must be integers, since an RFC 3339 time."
+        ) from None
     grid = q.get("grid")
     found = []
     for engine in _engines(ctx):
@@ -168,8 +190,12 @@ async def candidates(request: web.Request) -> web.Response:
     out = []
     for rid, metres in engine.candidates(iid, ctx.clock.now(), k=10):
         r = engine.state.responders[rid]
-        out.append({"responder": responder_obj(r, engine.state.index.position(rid)),
-                    "distance_m": round(metres, 1)})
+        out.append(
+            {
+                "responder": responder_obj(r, engine.state.index.position(rid)),
+                "distance_m": round(metres, 1),
+            }
+        )
     return json_response(out)
 
 
@@ -184,16 +210,26 @@ async def post_incident(request: web.Request) -> web.Response:
         raise Rejected("bad_message", "source must be one of field, hotline, citizen, operator.")
     runner = ctx.runner_for_point(intake.lon, intake.lat)
     if runner is None:
-        raise Rejected("outside_area", f"The point lon={intake.lon}, lat={intake.lat} is in no "
-                       "grid.")
+        raise Rejected(
+            "outside_area", f"The point lon={intake.lon}, lat={intake.lat} is in no grid."
+        )
     located = ctx.data.gridset.locate(intake.lon, intake.lat)
-    if not principal.is_admin and (located is None or principal.scope not in
-                                   located.as_dict().values()):
+    if not principal.is_admin and (
+        located is None or principal.scope not in located.as_dict().values()
+    ):
         raise Rejected("forbidden", "The point is outside your scope.")
-    command = c.Report(ref=intake.id, category=intake.category, lon=intake.lon, lat=intake.lat,
-                       source=intake.source, actor=principal.sub, description=intake.description,
-                       priority=intake.priority, handled=intake.handled,
-                       photos=tuple(intake.photos))
+    command = c.Report(
+        ref=intake.id,
+        category=intake.category,
+        lon=intake.lon,
+        lat=intake.lat,
+        source=intake.source,
+        actor=principal.sub,
+        description=intake.description,
+        priority=intake.priority,
+        handled=intake.handled,
+        photos=tuple(intake.photos),
+    )
 
     def view(engine: Engine, outcome: Any) -> dict[str, Any]:
         inc = engine.state.incidents[outcome.incident]
@@ -211,8 +247,10 @@ async def list_responders(request: web.Request) -> web.Response:
     out = []
     for engine in _engines(ctx):
         for rid, r in engine.state.responders.items():
-            if principal.is_admin or (principal.scope is not None and engine.town.in_subtree(
-                    r.info.home_grid, principal.scope)):
+            if principal.is_admin or (
+                principal.scope is not None
+                and engine.town.in_subtree(r.info.home_grid, principal.scope)
+            ):
                 out.append(responder_obj(r, engine.state.index.position(rid)))
     return json_response({"items": out, "count": len(out)})
 

@@ -50,8 +50,9 @@ def resolve_scope(ctx: Context, principal: Principal, wanted: str | None) -> str
             raise Rejected("forbidden", "The token has no scope.")
         town = ctx.town_of_grid(scope)
         if town is None or not ctx.data.towns[town].in_subtree(scope, principal.scope):
-            raise Rejected("forbidden", f"Scope {scope} is outside the token's scope "
-                           f"{principal.scope}.")
+            raise Rejected(
+                "forbidden", f"Scope {scope} is outside the token's scope {principal.scope}."
+            )
     return scope
 
 
@@ -78,8 +79,10 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
         await ws.close(code=CLOSE_UNAUTHORIZED, message=rej.message.encode()[:120])
         return
     if principal.role not in SCREEN_ROLES:
-        await ws.close(code=CLOSE_FORBIDDEN, message=b"the screen channel needs an operator, "
-                       b"monitor or admin token")
+        await ws.close(
+            code=CLOSE_FORBIDDEN,
+            message=b"the screen channel needs an operator, monitor or admin token",
+        )
         return
     try:
         scope = resolve_scope(ctx, principal, hello.scope)
@@ -101,8 +104,7 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
             await ws.send_frame(error_message(rej.code, rej.message), WSMsgType.TEXT)
             await ws.close(code=1011, message=b"town unavailable; retry")
             return
-        log.info("screen connected", user=principal.sub, scope=scope, mode=mode,
-                 since=hello.since)
+        log.info("screen connected", user=principal.sub, scope=scope, mode=mode, since=hello.since)
         await _loop(ctx, ws, outbox, runner, principal)
     finally:
         ctx.hub.detach_screen(screen)
@@ -111,11 +113,17 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
         log.info("screen disconnected", user=principal.sub, code=ws.close_code)
 
 
-async def _loop(ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner: TownRunner,
-                principal: Principal) -> None:
+async def _loop(
+    ctx: Context,
+    ws: web.WebSocketResponse,
+    outbox: Outbox,
+    runner: TownRunner,
+    principal: Principal,
+) -> None:
     s = ctx.settings.server
     bucket = TokenBucket(s.rate, s.burst, s.flood_close_after, ctx.clock.now())
     received = ctx.metrics.messages.labels("screen")
+    pending: set[asyncio.Task[None]] = set()  # commands in flight on this connection
     async for msg in ws:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             break
@@ -139,13 +147,17 @@ async def _loop(ctx: Context, ws: web.WebSocketResponse, outbox: Outbox, runner:
         if isinstance(message, m.Hello):
             outbox.send(error_message("bad_message", "Already said hello on this connection."))
             continue
-        asyncio.create_task(_command(ctx, outbox, runner, principal, message))
+        task = asyncio.create_task(_command(ctx, outbox, runner, principal, message))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
 
 
 def operator_command(principal: Principal, msg: Any) -> c.Command:
     """Map a screen message to an engine command; monitors may look but not act."""
     if principal.role not in ("operator", "admin"):
-        raise Rejected("forbidden", f"A {principal.role} token may not {msg.__struct_config__.tag}.")
+        raise Rejected(
+            "forbidden", f"A {principal.role} token may not {msg.__struct_config__.tag}."
+        )
     scope = None if principal.is_admin else principal.scope
     actor = principal.sub
     match msg:
@@ -159,16 +171,20 @@ def operator_command(principal: Principal, msg: Any) -> c.Command:
             return c.Close(msg.incident, actor, scope, msg.note)
         case m.Reopen():
             return c.Reopen(msg.incident, actor, scope, msg.note)
+        case _:
+            pass
     raise Rejected("unknown_type", f"{type(msg).__name__} is not an operator command.")
 
 
-def runner_of_incident(ctx: Context, incident_id: str, default: TownRunner) -> TownRunner:
+def runner_of_incident(ctx: Context, incident_id: str, default: Any) -> Any:
+    """The writer (or slot) of the town an incident id belongs to (ids are ``<town>-<seq>``)."""
     town = incident_id.rsplit("-", 1)[0]
     return ctx.runners.get(town, default)
 
 
-async def _command(ctx: Context, outbox: Outbox, runner: TownRunner, principal: Principal,
-                   msg: Any) -> None:
+async def _command(
+    ctx: Context, outbox: Outbox, runner: TownRunner, principal: Principal, msg: Any
+) -> None:
     try:
         command = operator_command(principal, msg)
         target = runner_of_incident(ctx, msg.incident, runner)

@@ -118,8 +118,9 @@ class TownRunner:
 
     # ------------------------------------------------------------------ API for handlers
 
-    async def submit(self, command: Command,
-                     after: Callable[[Engine, Outcome], Any] | None = None) -> Any:
+    async def submit(
+        self, command: Command, after: Callable[[Engine, Outcome], Any] | None = None
+    ) -> Any:
         """Run a command; returns its :class:`Outcome` (or what ``after`` returned) once durable.
 
         ``after(engine, outcome)`` runs in the writer right after the batch became durable, before
@@ -188,7 +189,7 @@ class TownRunner:
                     events, notices, done = [], [], []
                 try:
                     item.future.set_result(item.query(self.engine))
-                except Exception as err:  # noqa: BLE001 - reported to the caller
+                except Exception as err:
                     item.future.set_exception(err)
                 continue
             assert item.command is not None
@@ -211,8 +212,12 @@ class TownRunner:
                 await self.log.append(self.town, records, epoch=self.epoch)
             except LogError as err:
                 self.metrics.append_errors.inc()
-                log.warning("log append failed; nothing acknowledged", town=self.town,
-                            error=str(err), events=len(events))
+                log.warning(
+                    "log append failed; nothing acknowledged",
+                    town=self.town,
+                    error=str(err),
+                    events=len(events),
+                )
                 for d in done:
                     if not d.future.done():
                         d.future.set_exception(_unavailable())
@@ -235,7 +240,7 @@ class TownRunner:
             if d.after is not None:
                 try:
                     d.future.set_result(d.after(self.engine, d.outcome))
-                except Exception as err:  # noqa: BLE001 - reported to the caller
+                except Exception as err:
                     d.future.set_exception(err)
             else:
                 d.future.set_result(d.outcome)

@@ -95,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
     village_token = mint(
         secret, role="operator", sub="village-operator", scope=village, ttl=7 * 24 * 3600
     )
-    fleet: multiprocessing.Process | None = None
+    fleet: multiprocessing.process.BaseProcess | None = None
 
     async def on_ready(_app: Any) -> None:
         nonlocal fleet

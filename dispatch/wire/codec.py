@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -35,8 +36,20 @@ _intake_decoder = msgspec.json.Decoder(IntakeReport)
 _any_decoder = msgspec.json.Decoder()
 
 TIME_FIELDS = frozenset(
-    {"at", "expires_at", "deadline", "reported_at", "closed_at", "resolved_at", "assigned_at",
-     "arrived_at", "offered_at", "offer_expires_at", "position_at", "server_time"}
+    {
+        "at",
+        "expires_at",
+        "deadline",
+        "reported_at",
+        "closed_at",
+        "resolved_at",
+        "assigned_at",
+        "arrived_at",
+        "offered_at",
+        "offer_expires_at",
+        "position_at",
+        "server_time",
+    }
 )
 
 
@@ -69,7 +82,8 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes) -> Event:
-    return _event_decoder.decode(data)
+    event: Event = _event_decoder.decode(data)
+    return event
 
 
 def event_wire(event: Event) -> dict[str, Any]:
@@ -107,18 +121,20 @@ def _message_id(raw: bytes | str) -> str | None:
     return None
 
 
-def _decode(raw: bytes | str, decoder: msgspec.json.Decoder[Any], types: frozenset[str], channel: str) -> Any:
+def _decode(
+    raw: bytes | str, decoder: msgspec.json.Decoder[Any], types: frozenset[str], channel: str
+) -> Any:
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as err:
         mid = _message_id(raw)
         doc = None
-        try:
+        with contextlib.suppress(msgspec.DecodeError):
             doc = _any_decoder.decode(raw)
-        except msgspec.DecodeError:
-            pass
         if not isinstance(doc, dict):
-            raise Rejected("bad_message", "A message must be a JSON object with a 'type'.") from None
+            raise Rejected(
+                "bad_message", "A message must be a JSON object with a 'type'."
+            ) from None
         mtype = doc.get("type")
         if mtype is None:
             rej = Rejected("bad_message", "The message has no 'type' field.")
@@ -126,7 +142,8 @@ def _decode(raw: bytes | str, decoder: msgspec.json.Decoder[Any], types: frozens
             rej = Rejected(
                 "unknown_type",
                 f"Unknown message type {mtype!r} on the {channel} channel; expected one of "
-                + ", ".join(sorted(types)) + ".",
+                + ", ".join(sorted(types))
+                + ".",
             )
         else:
             rej = Rejected("bad_message", _explain(f"'{mtype}' message", err))

@@ -23,34 +23,34 @@ class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, frozen
     pass
 
 
-class Hello(_Msg, tag="hello"):
+class Hello(_Msg, tag="hello", frozen=True):
     token: Annotated[str, msgspec.Meta(max_length=8192)]
     resume: bool = False
     scope: Id | None = None
     since: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
-class Ping(_Msg, tag="ping"):
+class Ping(_Msg, tag="ping", frozen=True):
     id: Id | None = None
 
 
-class Position(_Msg, tag="position"):
+class Position(_Msg, tag="position", frozen=True):
     lon: Lon
     lat: Lat
     accuracy: Annotated[float, msgspec.Meta(ge=0)] | None = None
     ts: Timestamp = None
 
 
-class Positions(_Msg, tag="positions"):
+class Positions(_Msg, tag="positions", frozen=True):
     items: Annotated[list[tuple[Lon, Lat, Timestamp]], msgspec.Meta(max_length=1000)]
 
 
-class Status(_Msg, tag="status"):
+class Status(_Msg, tag="status", frozen=True):
     id: Id
     status: str
 
 
-class Report(_Msg, tag="report"):
+class Report(_Msg, tag="report", frozen=True):
     id: Id
     category: Id
     lon: Lon
@@ -58,71 +58,95 @@ class Report(_Msg, tag="report"):
     description: Text = ""
     priority: Priority | None = None
     handled: bool = False
-    photos: Annotated[list[Annotated[str, msgspec.Meta(max_length=2000)]], msgspec.Meta(max_length=20)] = []
+    photos: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=2000)]], msgspec.Meta(max_length=20)
+    ] = []
 
 
-class Accept(_Msg, tag="accept"):
+class Accept(_Msg, tag="accept", frozen=True):
     id: Id
     incident: Id
 
 
-class Decline(_Msg, tag="decline"):
-    id: Id
-    incident: Id
-    reason: Text = ""
-
-
-class Arrive(_Msg, tag="arrive"):
-    id: Id
-    incident: Id
-
-
-class Resolve(_Msg, tag="resolve"):
-    id: Id
-    incident: Id
-    note: Text = ""
-
-
-class Escalate(_Msg, tag="escalate"):
+class Decline(_Msg, tag="decline", frozen=True):
     id: Id
     incident: Id
     reason: Text = ""
-    note: Text = ""
 
 
-class Close(_Msg, tag="close"):
+class Arrive(_Msg, tag="arrive", frozen=True):
+    id: Id
+    incident: Id
+
+
+class Resolve(_Msg, tag="resolve", frozen=True):
     id: Id
     incident: Id
     note: Text = ""
 
 
-class Assign(_Msg, tag="assign"):
+class Escalate(_Msg, tag="escalate", frozen=True):
+    id: Id
+    incident: Id
+    reason: Text = ""
+    note: Text = ""
+
+
+class Close(_Msg, tag="close", frozen=True):
+    id: Id
+    incident: Id
+    note: Text = ""
+
+
+class Assign(_Msg, tag="assign", frozen=True):
     id: Id
     incident: Id
     responder: Id
 
 
-class Transfer(_Msg, tag="transfer"):
+class Transfer(_Msg, tag="transfer", frozen=True):
     id: Id
     incident: Id
     department: Id
 
 
-class Reopen(_Msg, tag="reopen"):
+class Reopen(_Msg, tag="reopen", frozen=True):
     id: Id
     incident: Id
     note: Text = ""
 
 
 FieldMessage = (
-    Hello | Ping | Position | Positions | Status | Report | Accept | Decline | Arrive | Resolve
-    | Escalate | Close
+    Hello
+    | Ping
+    | Position
+    | Positions
+    | Status
+    | Report
+    | Accept
+    | Decline
+    | Arrive
+    | Resolve
+    | Escalate
+    | Close
 )
 ScreenMessage = Hello | Ping | Assign | Transfer | Escalate | Close | Reopen
 
 FIELD_TYPES = frozenset(
-    {"hello", "ping", "position", "positions", "status", "report", "accept", "decline", "arrive",
-     "resolve", "escalate", "close"}
+    {
+        "hello",
+        "ping",
+        "position",
+        "positions",
+        "status",
+        "report",
+        "accept",
+        "decline",
+        "arrive",
+        "resolve",
+        "escalate",
+        "close",
+    }
 )
 SCREEN_TYPES = frozenset({"hello", "ping", "assign", "transfer", "escalate", "close", "reopen"})
 
@@ -138,4 +162,6 @@ class IntakeReport(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
     description: Text = ""
     priority: Priority | None = None
     handled: bool = False
-    photos: Annotated[list[Annotated[str, msgspec.Meta(max_length=2000)]], msgspec.Meta(max_length=20)] = []
+    photos: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=2000)]], msgspec.Meta(max_length=20)
+    ] = []

@@ -9,7 +9,9 @@ from dispatch.engine.state import Incident, Responder
 from dispatch.wire.codec import iso
 
 
-def incident_obj(inc: Incident, *, verify: bool = False, timeline: list[Any] | None = None) -> dict[str, Any]:
+def incident_obj(
+    inc: Incident, *, verify: bool = False, timeline: list[Any] | None = None
+) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "id": inc.id,
         "ref": inc.ref,
@@ -39,7 +41,12 @@ def incident_obj(inc: Incident, *, verify: bool = False, timeline: list[Any] | N
         "resolved_by": inc.resolved_by,
         "reopened": inc.reopened,
         "escalations": [
-            {"from_level": e.from_level, "to_level": e.to_level, "reason": e.reason, "at": iso(e.at)}
+            {
+                "from_level": e.from_level,
+                "to_level": e.to_level,
+                "reason": e.reason,
+                "at": iso(e.at),
+            }
             for e in inc.escalations
         ],
         "verify": verify,

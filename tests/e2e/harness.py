@@ -94,8 +94,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def token(role: str, sub: str, scope: str | None = None, ttl: int = 3600,
-          secret: str = SECRET) -> str:
+def token(
+    role: str, sub: str, scope: str | None = None, ttl: int = 3600, secret: str = SECRET
+) -> str:
     claims: dict[str, Any] = {"sub": sub, "role": role, "exp": int(time.time()) + ttl}
     if scope:
         claims["scope"] = scope
@@ -103,8 +104,15 @@ def token(role: str, sub: str, scope: str | None = None, ttl: int = 3600,
 
 
 class ServerProcess:
-    def __init__(self, workdir: Path, *, store: str | None = None, port: int | None = None,
-                 extra: str = "", dispatch: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        store: str | None = None,
+        port: int | None = None,
+        extra: str = "",
+        dispatch: dict[str, str] | None = None,
+    ) -> None:
         self.dir = workdir
         self.port = port or free_port()
         self.store = store or f"sqlite:///{workdir / 'dispatch.db'}"
@@ -112,18 +120,32 @@ class ServerProcess:
         self.logfile = workdir / f"server-{self.port}.log"
         disp = {"offer_timeout": "3s", "position_stale_after": "10m", "offline_after": "2s"}
         disp.update(dispatch or {})
-        fc = {"type": "FeatureCollection", "features": [
-            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": poly},
-             "properties": {"id": gid, "level": lvl, "parent": parent, "name": gid,
-                            "population": pop}}
-            for gid, lvl, parent, poly, pop in GRIDS]}
+        fc = {
+            "type": "FeatureCollection",
+            "features": [
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": poly},
+                    "properties": {
+                        "id": gid,
+                        "level": lvl,
+                        "parent": parent,
+                        "name": gid,
+                        "population": pop,
+                    },
+                }
+                for gid, lvl, parent, poly, pop in GRIDS
+            ],
+        }
         (workdir / "grids.geojson").write_text(json.dumps(fc))
         (workdir / "roster.csv").write_text(
             "id,name,kind,home_grid,skills,department\n"
-            + "".join(",".join(row) + "\n" for row in ROSTER))
+            + "".join(",".join(row) + "\n" for row in ROSTER)
+        )
         (workdir / "categories.toml").write_text(CATEGORIES)
         self.config = workdir / f"dispatch-{self.port}.toml"
-        self.config.write_text(f"""
+        self.config.write_text(
+            f"""
 [server]
 host = "127.0.0.1"
 port = {self.port}
@@ -141,7 +163,9 @@ categories = "categories.toml"
 url = "{self.store}"
 
 [dispatch]
-""" + "".join(f'{k} = "{v}"\n' for k, v in disp.items()))
+"""
+            + "".join(f'{k} = "{v}"\n' for k, v in disp.items())
+        )
 
     @property
     def http(self) -> str:
@@ -161,7 +185,11 @@ url = "{self.store}"
         log = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dispatch.cli", "serve", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -203,8 +231,9 @@ url = "{self.store}"
 
     def post(self, path: str, body: Any, tok: str | None = None) -> tuple[int, str, Any]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.http + path, data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.http + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
         if tok:
             req.add_header("Authorization", f"Bearer {tok}")
         return _do(req)
@@ -261,7 +290,9 @@ class Client:
     async def send(self, msg: Any) -> None:
         await self.ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
 
-    async def wait_for(self, pred: Any, timeout: float = 5.0, what: str = "message") -> dict[str, Any]:
+    async def wait_for(
+        self, pred: Any, timeout: float = 5.0, what: str = "message"
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         async with self.cond:
             while True:
@@ -273,7 +304,8 @@ class Client:
                     raise AssertionError(
                         f"no {what} within {timeout}s; got "
                         f"{[m.get('type') for m in self.inbox][-12:]}"
-                        + (f" (closed {self.closed_code})" if self.task.done() else ""))
+                        + (f" (closed {self.closed_code})" if self.task.done() else "")
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.cond.wait(), left)
 
@@ -281,8 +313,10 @@ class Client:
         mid = msg.setdefault("id", uuid.uuid4().hex)
         await self.send(msg)
         return await self.wait_for(
-            lambda m: m.get("id") == mid and m.get("type") in ("ack", "error"), timeout,
-            f"answer to {msg.get('type')}")
+            lambda m: m.get("id") == mid and m.get("type") in ("ack", "error"),
+            timeout,
+            f"answer to {msg.get('type')}",
+        )
 
     async def closed(self, timeout: float = 5.0) -> int | None:
         await asyncio.wait_for(asyncio.shield(self.task), timeout)
@@ -302,11 +336,19 @@ async def field(srv: ServerProcess, rid: str, pos: tuple[float, float] | None = 
     return c
 
 
-async def screen(srv: ServerProcess, scope: str = "T0", since: int | None = None,
-                 role: str = "operator", sub: str = "op1") -> Client:
+async def screen(
+    srv: ServerProcess,
+    scope: str = "T0",
+    since: int | None = None,
+    role: str = "operator",
+    sub: str = "op1",
+) -> Client:
     c = await Client.connect(srv.ws + "/ws/screen")
-    hello: dict[str, Any] = {"type": "hello", "token": token(role, sub, scope=scope),
-                             "scope": scope}
+    hello: dict[str, Any] = {
+        "type": "hello",
+        "token": token(role, sub, scope=scope),
+        "scope": scope,
+    }
     if since is not None:
         hello["since"] = since
     await c.send(hello)
@@ -327,4 +369,5 @@ def event_is(etype: str, inc_id: str | None = None, **fields: Any) -> Any:
         if inc_id is not None and e.get("incident") != inc_id:
             return False
         return all(e.get(k) == v for k, v in fields.items())
+
     return pred

@@ -36,8 +36,9 @@ def make_cluster(tmp_path: Path, redis_url: str, n: int) -> list[ServerProcess]:
         d = tmp_path / f"inst{i}"
         d.mkdir()
         srv = ServerProcess(d, store=redis_url, dispatch={"offline_after": "5s"})
-        srv.config.write_text(srv.config.read_text() + "\n[cluster]\n"
-                              + CLUSTER.format(name=f"inst{i}"))
+        srv.config.write_text(
+            srv.config.read_text() + "\n[cluster]\n" + CLUSTER.format(name=f"inst{i}")
+        )
         servers.append(srv)
     for srv in servers:
         srv.start()
@@ -65,8 +66,9 @@ def ready(srv: ServerProcess) -> int:
         return 0
 
 
-async def test_device_on_one_instance_screen_on_another(tmp_path: Path,
-                                                         redis_srv: RedisServer) -> None:
+async def test_device_on_one_instance_screen_on_another(
+    tmp_path: Path, redis_srv: RedisServer
+) -> None:
     a, b, c = make_cluster(tmp_path, redis_srv.url, 3)
     try:
         scr = await screen(b)
@@ -74,8 +76,9 @@ async def test_device_on_one_instance_screen_on_another(tmp_path: Path,
         w1 = await field(a, "w1", (113.005, 22.605))
         w3 = await field(c, "w3", (113.005, 22.635))
         await asyncio.sleep(0.5)  # positions cross the bus
-        ack = await w3.request({"type": "report", "category": "fire_hazard", "lon": 113.006,
-                                "lat": 22.606})
+        ack = await w3.request(
+            {"type": "report", "category": "fire_hazard", "lon": 113.006, "lat": 22.606}
+        )
         assert ack["type"] == "ack", ack
         inc = ack["incident"]
         await scr.wait_for(event_is("incident.reported", inc))
@@ -91,15 +94,18 @@ async def test_device_on_one_instance_screen_on_another(tmp_path: Path,
             s.stop()
 
 
-async def test_kill9_owner_under_load_loses_no_acked_report(tmp_path: Path,
-                                                           redis_srv: RedisServer) -> None:
+async def test_kill9_owner_under_load_loses_no_acked_report(
+    tmp_path: Path, redis_srv: RedisServer
+) -> None:
     servers = make_cluster(tmp_path, redis_srv.url, 3)
     try:
         owner = owner_of(servers)
         others = [s for s in servers if s is not owner]
         reporter = await field(others[0], "w3", (113.005, 22.635))
-        workers = [await field(others[1], rid, pos) for rid, pos in
-                   (("w1", (113.005, 22.605)), ("w2", (113.015, 22.615)))]
+        workers = [
+            await field(others[1], rid, pos)
+            for rid, pos in (("w1", (113.005, 22.605)), ("w2", (113.015, 22.615)))
+        ]
         acked: list[tuple[str, str]] = []
         failed = 0
         stop = asyncio.Event()
@@ -109,8 +115,14 @@ async def test_kill9_owner_under_load_loses_no_acked_report(tmp_path: Path,
             client = reporter
             while not stop.is_set():
                 ref = uuid.uuid4().hex
-                msg = {"type": "report", "id": ref, "category": "sanitation",
-                       "lon": 113.006, "lat": 22.606, "handled": True}
+                msg = {
+                    "type": "report",
+                    "id": ref,
+                    "category": "sanitation",
+                    "lon": 113.006,
+                    "lat": 22.606,
+                    "handled": True,
+                }
                 try:
                     r = await client.request(msg, timeout=8)
                 except AssertionError:
@@ -134,8 +146,10 @@ async def test_kill9_owner_under_load_loses_no_acked_report(tmp_path: Path,
             if len(acked) > before + 5:
                 break
         takeover = time.monotonic() - t0
-        print(f"failover: reports acked again {takeover:.2f} s after kill -9 of the owner "
-              f"(lease_ttl 2 s, renew 0.5 s); {failed} requests failed meanwhile")
+        print(
+            f"failover: reports acked again {takeover:.2f} s after kill -9 of the owner "
+            f"(lease_ttl 2 s, renew 0.5 s); {failed} requests failed meanwhile"
+        )
         stop.set()
         await task
         assert len(acked) > before + 5, f"no acks after the owner died ({failed} failed)"
@@ -159,17 +173,33 @@ async def test_kill9_owner_under_load_loses_no_acked_report(tmp_path: Path,
             s.stop()
 
 
-async def test_redis_outage_answers_unavailable_and_recovers(tmp_path: Path,
-                                                            redis_srv: RedisServer) -> None:
+async def test_redis_outage_answers_unavailable_and_recovers(
+    tmp_path: Path, redis_srv: RedisServer
+) -> None:
     (a,) = make_cluster(tmp_path, redis_srv.url, 1)
     try:
         w3 = await field(a, "w3", (113.005, 22.635))
-        ok = await w3.request({"type": "report", "category": "sanitation", "lon": 113.006,
-                               "lat": 22.606, "handled": True})
+        ok = await w3.request(
+            {
+                "type": "report",
+                "category": "sanitation",
+                "lon": 113.006,
+                "lat": 22.606,
+                "handled": True,
+            }
+        )
         assert ok["type"] == "ack"
         redis_srv.stop()
-        r = await w3.request({"type": "report", "category": "sanitation", "lon": 113.006,
-                              "lat": 22.606, "handled": True}, timeout=15)
+        r = await w3.request(
+            {
+                "type": "report",
+                "category": "sanitation",
+                "lon": 113.006,
+                "lat": 22.606,
+                "handled": True,
+            },
+            timeout=15,
+        )
         assert r["type"] == "error" and r["code"] == "unavailable", r
         assert ready(a) == 503
         redis_srv.start()
@@ -177,9 +207,16 @@ async def test_redis_outage_answers_unavailable_and_recovers(tmp_path: Path,
         answer: dict[str, object] = {}
         while time.monotonic() < deadline:
             with contextlib.suppress(AssertionError):
-                answer = await w3.request({"type": "report", "category": "sanitation",
-                                           "lon": 113.006, "lat": 22.606, "handled": True},
-                                          timeout=5)
+                answer = await w3.request(
+                    {
+                        "type": "report",
+                        "category": "sanitation",
+                        "lon": 113.006,
+                        "lat": 22.606,
+                        "handled": True,
+                    },
+                    timeout=5,
+                )
                 if answer.get("type") == "ack":
                     break
             await asyncio.sleep(0.5)

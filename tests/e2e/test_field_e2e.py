@@ -26,10 +26,12 @@ V1B = (113.006, 22.636)
 V2B = (113.03, 22.63)
 
 
-async def report(c: Client, category: str = "fire_hazard", pos: tuple[float, float] = V1A,
-                 **kw: object) -> str:
-    ack = await c.request({"type": "report", "category": category, "lon": pos[0],
-                           "lat": pos[1], **kw})
+async def report(
+    c: Client, category: str = "fire_hazard", pos: tuple[float, float] = V1A, **kw: object
+) -> str:
+    ack = await c.request(
+        {"type": "report", "category": category, "lon": pos[0], "lat": pos[1], **kw}
+    )
     assert ack["type"] == "ack", ack
     return str(ack["incident"])
 
@@ -54,14 +56,23 @@ async def test_full_lifecycle_with_timeline(server: ServerProcess) -> None:
     assert (await w2.request({"type": "arrive", "incident": inc}))["type"] == "ack"
     assert (await w2.request({"type": "resolve", "incident": inc}))["type"] == "ack"
     await scr.wait_for(event_is("incident.closed", inc))
-    await w3.wait_for(lambda m: m["type"] == "incident" and m["incident"]["status"] == "closed",
-                      what="reporter told of the closure")
+    await w3.wait_for(
+        lambda m: m["type"] == "incident" and m["incident"]["status"] == "closed",
+        what="reporter told of the closure",
+    )
     st, _, doc = server.get(f"/api/incidents/{inc}", token("admin", "a"))
     assert st == 200 and doc["status"] == "closed" and doc["on_time"] is True
     types = [e["type"] for e in doc["timeline"]]
-    assert types == ["incident.reported", "incident.offered", "incident.declined",
-                     "incident.offered", "incident.assigned", "incident.arrived",
-                     "incident.resolved", "incident.closed"]
+    assert types == [
+        "incident.reported",
+        "incident.offered",
+        "incident.declined",
+        "incident.offered",
+        "incident.assigned",
+        "incident.arrived",
+        "incident.resolved",
+        "incident.closed",
+    ]
     # the screen saw every event in seq order with no gap
     seqs = [m["seq"] for m in scr.seen if m["type"] == "event"]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
@@ -94,22 +105,41 @@ async def test_kill9_after_ack_loses_nothing(tmp_path: Path) -> None:
 
 
 async def test_bad_input_each_gets_its_code_and_the_connection_survives(
-        server: ServerProcess) -> None:
+    server: ServerProcess,
+) -> None:
     c = await field(server, "w5", V1B)
     await c.send("{not json")
     m = await c.wait_for(lambda m: m["type"] == "error")
     assert m["code"] == "bad_json" and "JSON" in m["message"]
     cases = [
         ({"type": "no_such_thing"}, "unknown_type", "no_such_thing"),
-        ({"type": "report", "category": "fire_hazard", "lon": "east", "lat": 22.61},
-         "bad_message", "lon"),
+        (
+            {"type": "report", "category": "fire_hazard", "lon": "east", "lat": 22.61},
+            "bad_message",
+            "lon",
+        ),
         ({"type": "report", "category": "fire_hazard", "lat": 22.61}, "bad_message", "lon"),
-        ({"type": "report", "category": "fire_hazard", "lon": 113.01, "lat": 22.61,
-          "priority": 9}, "bad_message", "priority"),
-        ({"type": "report", "category": "fire_hazard", "lon": 114.5, "lat": 23.5},
-         "outside_area", "114.5"),
-        ({"type": "report", "category": "nope", "lon": 113.01, "lat": 22.61},
-         "unknown_category", "nope"),
+        (
+            {
+                "type": "report",
+                "category": "fire_hazard",
+                "lon": 113.01,
+                "lat": 22.61,
+                "priority": 9,
+            },
+            "bad_message",
+            "priority",
+        ),
+        (
+            {"type": "report", "category": "fire_hazard", "lon": 114.5, "lat": 23.5},
+            "outside_area",
+            "114.5",
+        ),
+        (
+            {"type": "report", "category": "nope", "lon": 113.01, "lat": 22.61},
+            "unknown_category",
+            "nope",
+        ),
         ({"type": "accept", "incident": "T0-999999"}, "not_found", "T0-999999"),
         ({"type": "assign", "incident": "x", "responder": "w1"}, "unknown_type", "assign"),
     ]
@@ -133,8 +163,9 @@ async def test_hello_must_come_first_and_in_time(tmp_path: Path) -> None:
     srv.start()
     try:
         c = await Client.connect(srv.ws + "/ws/field")
-        await c.send({"type": "report", "id": "r1", "category": "fire_hazard", "lon": 113.01,
-                      "lat": 22.61})
+        await c.send(
+            {"type": "report", "id": "r1", "category": "fire_hazard", "lon": 113.01, "lat": 22.61}
+        )
         err = await c.wait_for(lambda m: m["type"] == "error")
         assert err["code"] == "bad_message" and "hello" in err["message"]
         assert await c.closed() == 4408
@@ -155,8 +186,7 @@ async def test_report_is_idempotent_per_reporter(server: ServerProcess) -> None:
     assert [i["id"] for i in doc["items"]].count(a) == 1
 
 
-async def test_offer_timeout_passes_on_and_offline_passes_on_at_once(
-        server: ServerProcess) -> None:
+async def test_offer_timeout_passes_on_and_offline_passes_on_at_once(server: ServerProcess) -> None:
     w1 = await field(server, "w1", (113.005, 22.605))
     w2 = await field(server, "w2", (113.015, 22.615))
     await asyncio.sleep(0.2)
@@ -168,12 +198,12 @@ async def test_offer_timeout_passes_on_and_offline_passes_on_at_once(
     # w2 disconnects while holding the offer: after offline_after (2 s) it passes on at once
     await w2.close()
     scr = await screen(server)
-    await scr.wait_for(event_is("incident.offer_expired", inc, responder="w2", reason="offline"),
-                       timeout=6)
+    await scr.wait_for(
+        event_is("incident.offer_expired", inc, responder="w2", reason="offline"), timeout=6
+    )
 
 
-async def test_escalation_no_responder_then_requested_then_operator(
-        server: ServerProcess) -> None:
+async def test_escalation_no_responder_then_requested_then_operator(server: ServerProcess) -> None:
     scr = await screen(server)
     await scr.wait_for(lambda m: m["type"] == "snapshot")
     w6 = await field(server, "w6", V2B)
@@ -182,8 +212,11 @@ async def test_escalation_no_responder_then_requested_then_operator(
     # w4 (the only V2A worker) is offline: level 3 has nobody, level 2 (V2) has w6
     inc = await report(w6, category="fire_hazard", pos=(113.03, 22.61))
     e = await scr.wait_for(event_is("incident.escalated", inc))
-    assert (e["event"]["from_level"], e["event"]["to_level"], e["event"]["reason"]) == \
-        (3, 2, "no_responder")
+    assert (e["event"]["from_level"], e["event"]["to_level"], e["event"]["reason"]) == (
+        3,
+        2,
+        "no_responder",
+    )
     await w6.wait_for(offer_for(inc))
     assert (await w6.request({"type": "accept", "incident": inc}))["type"] == "ack"
     r = await w6.request({"type": "escalate", "incident": inc, "reason": "needs the fire brigade"})
@@ -272,8 +305,7 @@ async def test_handled_on_the_spot_is_closed_at_once(server: ServerProcess) -> N
     assert doc["status"] == "closed" and doc["level"] == 3 and doc["handled"] is True
 
 
-async def test_screen_resume_with_since_has_no_gap_and_no_duplicate(
-        server: ServerProcess) -> None:
+async def test_screen_resume_with_since_has_no_gap_and_no_duplicate(server: ServerProcess) -> None:
     w1 = await field(server, "w1", (113.005, 22.605))
     scr = await screen(server)
     snap = await scr.wait_for(lambda m: m["type"] == "snapshot")
@@ -300,13 +332,24 @@ async def test_rest_auth_intake_and_filters(server: ServerProcess) -> None:
     st, ctype, doc = server.get("/api/incidents", token("field", "w1"))
     assert st == 403 and doc["code"] == "forbidden"
     op = token("operator", "clerk", scope="T0")
-    st, _, doc = server.post("/api/incidents", {"id": "hotline-1", "category": "sanitation",
-                                                "lon": 113.03, "lat": 22.63,
-                                                "source": "hotline", "description": "rubbish"},
-                             op)
+    st, _, doc = server.post(
+        "/api/incidents",
+        {
+            "id": "hotline-1",
+            "category": "sanitation",
+            "lon": 113.03,
+            "lat": 22.63,
+            "source": "hotline",
+            "description": "rubbish",
+        },
+        op,
+    )
     assert st == 201 and doc["source"] == "hotline" and doc["grids"]["3"] == "V2B"
-    st, _, doc = server.post("/api/incidents", {"id": "hotline-2", "category": "sanitation",
-                                                "lon": 120.0, "lat": 22.63}, op)
+    st, _, doc = server.post(
+        "/api/incidents",
+        {"id": "hotline-2", "category": "sanitation", "lon": 120.0, "lat": 22.63},
+        op,
+    )
     assert st == 422 and doc["code"] == "outside_area"
     st, _, doc = server.post("/api/incidents", b"{oops", op)
     assert st == 400 and doc["code"] == "bad_json"
@@ -336,8 +379,9 @@ async def test_metrics_need_a_token_and_pass_promtool(server: ServerProcess) -> 
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool is missing: apt-get install prometheus")
-    out = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                         capture_output=True, check=False)
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, check=False
+    )
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
 
 

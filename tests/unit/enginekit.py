@@ -31,14 +31,18 @@ GRIDS = [
 
 H = 3600.0
 CATEGORIES = {
-    "fire_hazard": Category("fire_hazard", "Fire hazard", "fire", 1, False,
-                            {3: 2 * H, 2: 24 * H, 1: 72 * H}),
-    "sanitation": Category("sanitation", "Sanitation", "other", 3, False,
-                           {3: 24 * H, 2: 48 * H, 1: 72 * H}),
-    "dispute": Category("dispute", "Dispute", "public_security", 2, True,
-                        {3: 4 * H, 2: 8 * H, 1: 24 * H}),
-    "gas_leak": Category("gas_leak", "Gas leak", "fire", 1, False,
-                         {3: 1800.0, 2: 3600.0, 1: 7200.0}),
+    "fire_hazard": Category(
+        "fire_hazard", "Fire hazard", "fire", 1, False, {3: 2 * H, 2: 24 * H, 1: 72 * H}
+    ),
+    "sanitation": Category(
+        "sanitation", "Sanitation", "other", 3, False, {3: 24 * H, 2: 48 * H, 1: 72 * H}
+    ),
+    "dispute": Category(
+        "dispute", "Dispute", "public_security", 2, True, {3: 4 * H, 2: 8 * H, 1: 24 * H}
+    ),
+    "gas_leak": Category(
+        "gas_leak", "Gas leak", "fire", 1, False, {3: 1800.0, 2: 3600.0, 1: 7200.0}
+    ),
 }
 
 
@@ -55,18 +59,34 @@ def roster(rows: list[tuple[str, str, str, str]] | None = None) -> dict[str, Res
     out = {}
     for rid, kind, home, skills in rows:
         out[rid] = ResponderInfo(
-            id=rid, name=rid.upper(), kind=kind,  # type: ignore[arg-type]
-            home_grid=home, skills=frozenset(skills.split(";")),
-            department="police" if kind == "department" else None)
+            id=rid,
+            name=rid.upper(),
+            kind=kind,  # type: ignore[arg-type]
+            home_grid=home,
+            skills=frozenset(skills.split(";")),
+            department="police" if kind == "department" else None,
+        )
     return out
 
 
 def gridset() -> GridSet:
-    fc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": poly},
-         "properties": {"id": gid, "level": lvl, "parent": parent, "name": gid,
-                        "population": 10000}}
-        for gid, lvl, parent, poly in GRIDS]}
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": poly},
+                "properties": {
+                    "id": gid,
+                    "level": lvl,
+                    "parent": parent,
+                    "name": gid,
+                    "population": 10000,
+                },
+            }
+            for gid, lvl, parent, poly in GRIDS
+        ],
+    }
     return grids_from_geojson(fc)
 
 
@@ -90,11 +110,16 @@ class Kit:
     notices: list[Any] = field(default_factory=list)
 
     @classmethod
-    def new(cls, responders: dict[str, ResponderInfo] | None = None,
-            index: CellIndex | None = None, timing: Timing = TIMING) -> Kit:
+    def new(
+        cls,
+        responders: dict[str, ResponderInfo] | None = None,
+        index: CellIndex | None = None,
+        timing: Timing = TIMING,
+    ) -> Kit:
         t = town(responders)
-        return cls(Engine(t, index if index is not None else CellIndex(), GRIDSET, timing),
-                   FakeClock())
+        return cls(
+            Engine(t, index if index is not None else CellIndex(), GRIDSET, timing), FakeClock()
+        )
 
     @property
     def state(self) -> Any:
@@ -116,8 +141,15 @@ class Kit:
         self.do(c.Connect(rid))
         self.engine.position(rid, lon, lat, self.clock.now())
 
-    def report(self, category: str = "fire_hazard", lon: float = 113.006, lat: float = 22.606,
-               ref: str | None = None, actor: str | None = "w3", **kw: Any) -> str:
+    def report(
+        self,
+        category: str = "fire_hazard",
+        lon: float = 113.006,
+        lat: float = 22.606,
+        ref: str | None = None,
+        actor: str | None = "w3",
+        **kw: Any,
+    ) -> str:
         ref = ref or f"r{len(self.events)}"
         out = self.do(c.Report(ref=ref, category=category, lon=lon, lat=lat, actor=actor, **kw))
         assert out.incident is not None
@@ -127,8 +159,17 @@ class Kit:
         return [e.type_name() for e in self.events[since:] if e.type_name() != "responder.status"]
 
 
-def brute_nearest(engine: Engine, pool: str, lon: float, lat: float, *, skill: str,
-                  fresh_since: float, exclude: Any = (), k: int = 1) -> list[tuple[str, float]]:
+def brute_nearest(
+    engine: Engine,
+    pool: str,
+    lon: float,
+    lat: float,
+    *,
+    skill: str,
+    fresh_since: float,
+    exclude: Any = (),
+    k: int = 1,
+) -> list[tuple[str, float]]:
     """The dispatch rule by brute force over the engine's own state."""
     state = engine.state
     town_ = engine.town

@@ -30,13 +30,31 @@ class CheckingIndex(CellIndex):
     kit: Kit | None = None
     checked = 0
 
-    def nearest(self, pool: str, lon: float, lat: float, *, skill: str, fresh_since: float,
-                exclude: Any = (), k: int = 1) -> list[tuple[str, float]]:
-        got = super().nearest(pool, lon, lat, skill=skill, fresh_since=fresh_since,
-                              exclude=exclude, k=k)
+    def nearest(
+        self,
+        pool: str,
+        lon: float,
+        lat: float,
+        *,
+        skill: str,
+        fresh_since: float,
+        exclude: Any = (),
+        k: int = 1,
+    ) -> list[tuple[str, float]]:
+        got = super().nearest(
+            pool, lon, lat, skill=skill, fresh_since=fresh_since, exclude=exclude, k=k
+        )
         assert self.kit is not None
-        want = brute_nearest(self.kit.engine, pool, lon, lat, skill=skill,
-                             fresh_since=fresh_since, exclude=exclude, k=k)
+        want = brute_nearest(
+            self.kit.engine,
+            pool,
+            lon,
+            lat,
+            skill=skill,
+            fresh_since=fresh_since,
+            exclude=exclude,
+            k=k,
+        )
         assert [r for r, _ in got] == [r for r, _ in want], (pool, got, want)
         CheckingIndex.checked += 1
         return got
@@ -53,8 +71,11 @@ ops = st.one_of(
     st.tuples(st.just("move"), rid_s, lon_s, lat_s),
     st.tuples(st.just("disconnect"), rid_s),
     st.tuples(st.just("duty"), rid_s, st.sampled_from(["available", "off_duty"])),
-    st.tuples(st.sampled_from(["accept", "decline", "arrive", "resolve", "escalate", "verify"]),
-              rid_s, inc_s),
+    st.tuples(
+        st.sampled_from(["accept", "decline", "arrive", "resolve", "escalate", "verify"]),
+        rid_s,
+        inc_s,
+    ),
     st.tuples(st.sampled_from(["op_escalate", "op_close", "op_reopen"]), inc_s),
     st.tuples(st.just("op_assign"), inc_s, rid_s),
     st.tuples(st.just("op_transfer"), inc_s, st.sampled_from(["police", "fire"])),
@@ -64,13 +85,21 @@ ops = st.one_of(
 
 def to_command(kit: Kit, op: tuple[Any, ...]) -> c.Command | None:
     ids = sorted(kit.state.incidents)
+
     def inc(i: int) -> str:
         return ids[i % len(ids)] if ids else "T0-000000"
+
     kind = op[0]
     if kind == "report":
         _, cat, lon, lat, handled, rid = op
-        return c.Report(ref=f"r{kit.state.seq}", category=cat, lon=lon, lat=lat, actor=rid,
-                        handled=handled and cat == "sanitation")
+        return c.Report(
+            ref=f"r{kit.state.seq}",
+            category=cat,
+            lon=lon,
+            lat=lat,
+            actor=rid,
+            handled=handled and cat == "sanitation",
+        )
     if kind == "connect":
         return c.Connect(op[1])
     if kind == "disconnect":
@@ -78,8 +107,14 @@ def to_command(kit: Kit, op: tuple[Any, ...]) -> c.Command | None:
     if kind == "duty":
         return c.SetDuty(op[1], op[2])
     if kind in ("accept", "decline", "arrive", "resolve", "escalate", "verify"):
-        cls = {"accept": c.Accept, "decline": c.Decline, "arrive": c.Arrive,
-               "resolve": c.Resolve, "escalate": c.RequestEscalation, "verify": c.Verify}[kind]
+        cls = {
+            "accept": c.Accept,
+            "decline": c.Decline,
+            "arrive": c.Arrive,
+            "resolve": c.Resolve,
+            "escalate": c.RequestEscalation,
+            "verify": c.Verify,
+        }[kind]
         return cls(op[1], inc(op[2]))  # type: ignore[abstract]
     if kind == "op_escalate":
         return c.Escalate(inc(op[1]), "op")
@@ -118,8 +153,7 @@ def roster_with_fire_department() -> Any:
     rows = roster()
     from dispatch.engine.model import ResponderInfo
 
-    rows["d2"] = ResponderInfo("d2", "Fire", "department", "T0", frozenset({"fire_hazard"}),
-                               "fire")
+    rows["d2"] = ResponderInfo("d2", "Fire", "department", "T0", frozenset({"fire_hazard"}), "fire")
     return rows
 
 
@@ -143,10 +177,17 @@ def test_invariants_hold_and_replay_matches(sequence: list[tuple[Any, ...]]) -> 
             try:
                 kit.do(command)
             except Rejected as rej:
-                assert rej.code in ("not_found", "conflict", "forbidden", "outside_area",
-                                    "unknown_category", "bad_message"), rej
-                assert copy.deepcopy((kit.state.seq, kit.state.incidents, kit.state.refs)) \
-                    == before, "a rejected command changed the state"
+                assert rej.code in (
+                    "not_found",
+                    "conflict",
+                    "forbidden",
+                    "outside_area",
+                    "unknown_category",
+                    "bad_message",
+                ), rej
+                assert (
+                    copy.deepcopy((kit.state.seq, kit.state.incidents, kit.state.refs)) == before
+                ), "a rejected command changed the state"
         check_invariants(kit)
     seqs = [e.seq for e in kit.events]
     assert seqs == list(range(1, len(seqs) + 1)), "event seqs are gapless"
@@ -154,10 +195,9 @@ def test_invariants_hold_and_replay_matches(sequence: list[tuple[Any, ...]]) -> 
     fresh.engine.replay(kit.events)
     assert fresh.state.incidents == kit.state.incidents
     assert fresh.state.refs == kit.state.refs
-    assert {r: (x.online, x.off_duty, x.incident, x.holding)
-            for r, x in fresh.state.responders.items()} == \
-        {r: (x.online, x.off_duty, x.incident, x.holding)
-         for r, x in kit.state.responders.items()}
+    assert {
+        r: (x.online, x.off_duty, x.incident, x.holding) for r, x in fresh.state.responders.items()
+    } == {r: (x.online, x.off_duty, x.incident, x.holding) for r, x in kit.state.responders.items()}
 
 
 def test_the_brute_force_check_really_ran() -> None:

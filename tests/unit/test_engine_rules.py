@@ -10,7 +10,7 @@ import pytest
 from dispatch.engine import commands as c
 from dispatch.engine.events import IncidentEscalated, IncidentOffered
 from dispatch.errors import Rejected
-from tests.unit.enginekit import H, TIMING, Kit, roster
+from tests.unit.enginekit import TIMING, H, Kit, roster
 
 
 def offered_to(kit: Kit, inc: str) -> str | None:
@@ -21,13 +21,14 @@ def offered_to(kit: Kit, inc: str) -> str | None:
 @pytest.fixture
 def kit() -> Kit:
     k = Kit.new()
-    k.online("w1", 113.005, 22.605)   # V1A, nearest to the usual report point
-    k.online("w2", 113.015, 22.615)   # V1A
-    k.online("w3", 113.005, 22.635)   # V1B
+    k.online("w1", 113.005, 22.605)  # V1A, nearest to the usual report point
+    k.online("w2", 113.015, 22.615)  # V1A
+    k.online("w3", 113.005, 22.635)  # V1B
     return k
 
 
 # rule 1 --------------------------------------------------------------------------------------
+
 
 def test_rule1_located_to_level3_and_boundary_counts_as_inside(kit: Kit) -> None:
     inc = kit.report(lon=113.02, lat=22.62)  # the corner of four basic grids
@@ -48,16 +49,21 @@ def test_unknown_category_is_rejected_and_changes_nothing(kit: Kit) -> None:
 
 # rule 2 --------------------------------------------------------------------------------------
 
+
 def test_rule2_handled_on_the_spot_is_closed_at_level3_at_once(kit: Kit) -> None:
     inc = kit.report(handled=True, actor="w1")
     i = kit.state.incidents[inc]
     assert (i.status, i.level, i.closed_level, i.handled, i.on_time) == ("closed", 3, 3, True, True)
     assert kit.types() == ["responder.presence"] * 3 + [
-        "incident.reported", "incident.resolved", "incident.closed"]
+        "incident.reported",
+        "incident.resolved",
+        "incident.closed",
+    ]
     assert kit.state.responders["w1"].status == "available"
 
 
 # rule 3 --------------------------------------------------------------------------------------
+
 
 def test_rule3_nearest_available_skilled_fresh_in_pool(kit: Kit) -> None:
     inc = kit.report()
@@ -93,8 +99,7 @@ def test_rule3_stale_position_and_missing_skill_are_not_eligible() -> None:
     fire = k.report(lon=113.03, lat=22.611)
     # w4 lacks the skill: nobody at level 3 (nor 2), and w1 is stale at level 1
     assert [e.reason for e in k.state.incidents[fire].escalations] == ["no_responder"] * 2
-    assert not any(isinstance(e, IncidentOffered) and e.responder in ("w1", "w4")
-                   for e in k.events)
+    assert not any(isinstance(e, IncidentOffered) and e.responder in ("w1", "w4") for e in k.events)
 
 
 def test_rule3_off_duty_and_offline_are_not_available(kit: Kit) -> None:
@@ -108,6 +113,7 @@ def test_rule3_off_duty_and_offline_are_not_available(kit: Kit) -> None:
 
 
 # rule 4 --------------------------------------------------------------------------------------
+
 
 def test_rule4_decline_passes_on_and_never_back(kit: Kit) -> None:
     inc = kit.report()
@@ -151,9 +157,11 @@ def test_accept_of_a_gone_offer_is_a_conflict(kit: Kit) -> None:
 
 # rule 5 --------------------------------------------------------------------------------------
 
+
 def reasons(kit: Kit) -> list[tuple[int, int, str]]:
-    return [(e.from_level, e.to_level, e.reason) for e in kit.events
-            if isinstance(e, IncidentEscalated)]
+    return [
+        (e.from_level, e.to_level, e.reason) for e in kit.events if isinstance(e, IncidentEscalated)
+    ]
 
 
 def test_rule5_no_responder_escalates_up_to_the_town_and_waits() -> None:
@@ -209,6 +217,7 @@ def test_rule5_operator_escalation_and_not_above_the_town(kit: Kit) -> None:
 
 # rule 6 --------------------------------------------------------------------------------------
 
+
 def test_rule6_time_limits_per_category_and_level(kit: Kit) -> None:
     now = kit.clock.now()
     gas = kit.report(category="gas_leak", ref="g")
@@ -218,6 +227,7 @@ def test_rule6_time_limits_per_category_and_level(kit: Kit) -> None:
 
 
 # rule 7 --------------------------------------------------------------------------------------
+
 
 def test_rule7_resolved_closes_at_once_without_verification(kit: Kit) -> None:
     inc = kit.report()
@@ -254,6 +264,7 @@ def test_rule7_reopen_is_rework_dispatched_at_the_closing_level(kit: Kit) -> Non
 
 
 # availability and operators -------------------------------------------------------------------
+
 
 def test_offline_after_grace_passes_offers_on_at_once_but_reconnect_in_time_keeps(kit: Kit) -> None:
     inc = kit.report()
@@ -298,9 +309,14 @@ def test_operator_scope_and_transfer_to_a_department() -> None:
 def test_rejections_leave_the_state_untouched(kit: Kit) -> None:
     inc = kit.report()
     before = copy.deepcopy((kit.state.seq, kit.state.incidents, kit.state.refs))
-    for bad in (c.Accept("w2", inc), c.Arrive("w1", inc), c.Resolve("w2", inc),
-                c.Reopen(inc, "op"), c.Assign(inc, "nobody", "op"),
-                c.RequestEscalation("w3", inc)):
+    for bad in (
+        c.Accept("w2", inc),
+        c.Arrive("w1", inc),
+        c.Resolve("w2", inc),
+        c.Reopen(inc, "op"),
+        c.Assign(inc, "nobody", "op"),
+        c.RequestEscalation("w3", inc),
+    ):
         with pytest.raises(Rejected):
             kit.do(bad)
     assert copy.deepcopy((kit.state.seq, kit.state.incidents, kit.state.refs)) == before
@@ -316,8 +332,9 @@ def test_replay_rebuilds_the_same_state(kit: Kit) -> None:
     fresh.engine.replay(kit.events)
     assert fresh.state.seq == kit.state.seq
     assert fresh.state.incidents == kit.state.incidents
-    assert {r: x.status for r, x in fresh.state.responders.items()} == \
-        {r: x.status for r, x in kit.state.responders.items()}
+    assert {r: x.status for r, x in fresh.state.responders.items()} == {
+        r: x.status for r, x in kit.state.responders.items()
+    }
 
 
 def test_roster_kit_builds() -> None:
