@@ -1,0 +1,772 @@
+"""The responder index: where every responder is, and who is the nearest eligible one.
+
+:class:`CellIndex` implements :class:`dispatch.engine.model.ResponderIndex`. It answers
+``nearest(pool, lon, lat, skill=…, fresh_since=…, exclude=…, k=…)`` with the *exact* ``k``
+nearest responders by great-circle distance (:func:`~dispatch.geo.distance.haversine_m`, called
+as ``haversine_m(query lon, query lat, responder lon, responder lat)``), ties to the smaller
+responder id, among those that are registered in the pool, available, have the skill (``"*"``
+matches every category), are not excluded, and whose last position is at or after
+``fresh_since``. Responders without a position are never returned.
+
+How it stays fast (pure Python, no numpy on the hot path):
+
+* **One bucket map per (pool, skill group).** A responder whose skills contain ``"*"`` lives in
+  the ``(pool, "*")`` map of each of its pools; any other responder lives in one map per skill per
+  pool. A query searches ``(pool, "*")`` and ``(pool, skill)``, which are disjoint, so a rare
+  skill never forces a search through a crowd that cannot take the case. Only responders that are
+  available *and* have a position are in the maps.
+* **Cells are lat/lon squares of 2**-level degrees.** Each map picks its own level from the spread
+  and number of its members (about one member per cell) and re-picks it, rebuilding itself, when
+  its size doubles or halves or after many members changed cells. Because cell edges are powers of
+  two, a responder's cell at a coarser level is its finest cell shifted right, and
+  ``lat * 2**level`` is exact, so every cell test is exact arithmetic.
+* **Rank by chord, report by haversine.** Candidates are compared by squared chord length between
+  unit vectors (no trigonometry per candidate); the chord is a strictly increasing function of the
+  great-circle distance, so it orders points the same way. Every candidate within the ``k``-th best
+  chord plus a 6 µm margin is kept, and the final order and distances come from ``haversine_m``,
+  so ties and near-ties are decided exactly as a brute-force haversine search decides them.
+* **Expanding rings with a true lower bound.** After rings ``0..r`` around the query cell are
+  scanned, every unscanned point is outside a latitude band or outside a longitude band. Its chord
+  is at least ``2·sin(Δφ/2)`` (meridian distance to the band) or ``cos(φq)·sin(Δλ)`` (distance to
+  the meridian plane through the band edge; ``Δλ`` is clamped to 90° and to the distance to the
+  antimeridian, so wrap-around is safe). The search stops once that bound exceeds the ``k``-th best,
+  once the rings cover every cell the map has ever used since its last rebuild, or — when the next
+  ring would cost more lookups than the map has cells — it scans the remaining cells directly.
+  So a query always terminates, and degrades to a scan of the pool, never worse.
+
+Moves are O(1): a move that stays in the responder's finest cell only updates its coordinates.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Container, Iterable, Iterator
+from heapq import heapify, heappop, heappush
+from math import asin, cos, floor, inf, log2, pi, radians, sin, sqrt
+
+from dispatch.geo.distance import EARTH_RADIUS_M, haversine_m
+
+__all__ = ["CellIndex"]
+
+LEVEL_MIN = -3
+"""Coarsest cell: 8 degrees."""
+LEVEL_MAX = 16
+"""Finest cell: 2**-16 degrees, about 1.7 m of latitude."""
+DEFAULT_LEVEL = 10
+"""Level of a map before it knows its members: about 108 m of latitude."""
+
+_DELTA = 1e-12
+"""Chord margin (unit sphere; about 6.4 µm) covering float error between chord and haversine."""
+_EPS = 1e-14
+"""Slack taken off every ring lower bound for rounding."""
+_RING_CACHE = 48
+"""Rings whose key offsets are cached per level; larger rings are generated on the fly."""
+_HALF_PI = pi / 2
+_TREE_DEPTH = 5
+"""Levels of the occupancy tree above a map's cells (each 4 x 4 of the one below)."""
+
+
+class _Resp:
+    """One responder's live record, shared by every map it is in."""
+
+    __slots__ = (
+        "active",
+        "available",
+        "ci",
+        "cj",
+        "has_pos",
+        "keys",
+        "lat",
+        "lmax",
+        "lon",
+        "maps",
+        "pools",
+        "rid",
+        "scale",
+        "skills",
+        "ts",
+        "x",
+        "y",
+        "z",
+    )
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.pools: tuple[str, ...] = ()
+        self.skills: frozenset[str] = frozenset()
+        self.maps: tuple[_Map, ...] = ()
+        self.keys: list[int] = []
+        self.available = False
+        self.has_pos = False
+        self.active = False
+        self.lon = 0.0
+        self.lat = 0.0
+        self.ts = 0.0
+        self.x = 0.0
+        self.y = 0.0
+        self.z = 0.0
+        self.lmax = DEFAULT_LEVEL
+        self.scale = 2.0**DEFAULT_LEVEL
+        self.ci = 0
+        self.cj = 0
+
+
+class _Map:
+    """The cells of one (pool, skill group): ``cells[key][rid] = record``.
+
+    ``tree[p - 1]`` (p = 1 … :data:`_TREE_DEPTH`) counts, for each cell of level ``level - 2p``,
+    how many of its 4 x 4 sub-cells one level of the tree down are non-empty — a sparse quadtree
+    (step 2) over the non-empty cells, kept only for the best-first search of far queries.
+    """
+
+    __slots__ = (
+        "cellrad",
+        "cells",
+        "changes",
+        "est",
+        "half",
+        "imax",
+        "imin",
+        "jmax",
+        "jmin",
+        "level",
+        "n",
+        "n_built",
+        "scale",
+        "shift",
+        "tree",
+    )
+
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        self.cells: dict[int, dict[str, _Resp]] = {}
+        self.tree: list[dict[int, int]] = []
+        self.n = 0
+        self.n_built = 0
+        self.changes = 0
+        self.est = level
+        self.level = level
+        self.shift = 0
+        self.half = 0
+        self.scale = 1.0
+        self.cellrad = 0.0
+        self.set_level(level)
+
+    def set_level(self, level: int) -> None:
+        """Switch to ``level``, emptying the map (the caller re-adds the members)."""
+        self.level = level
+        # |lon * 2**level| < 2**(level + 8), so keys (i << shift) + j are unique and decodable.
+        self.shift = level + 10
+        self.half = 1 << (self.shift - 1)
+        self.scale = 2.0**level
+        self.cellrad = radians(2.0**-level)
+        self.cells = {}
+        # Tree cells of at most 16 degrees (level -4), as _cell_lb requires.
+        self.tree = [{} for _ in range(max(0, min(_TREE_DEPTH, (level + 4) // 2)))]
+        self.reset_bbox()
+
+    def reset_bbox(self) -> None:
+        self.imin = self.jmin = 1 << 62
+        self.imax = self.jmax = -(1 << 62)
+
+    def key_of(self, r: _Resp) -> int:
+        d = r.lmax - self.level
+        return ((r.ci >> d) << self.shift) + (r.cj >> d)
+
+    def add(self, r: _Resp, key: int) -> None:
+        b = self.cells.get(key)
+        if b is None:
+            self.new_cell(key, r)
+        else:
+            b[r.rid] = r
+
+    def discard(self, rid: str, key: int) -> None:
+        b = self.cells[key]
+        del b[rid]
+        if not b:
+            self.drop_cell(key)
+
+    def new_cell(self, key: int, r: _Resp) -> None:
+        """Create cell ``key`` holding ``r``: widen the bounding box, count it up the tree."""
+        self.cells[key] = {r.rid: r}
+        shift = self.shift
+        i = (key + self.half) >> shift
+        j = key - (i << shift)
+        if i < self.imin:
+            self.imin = i
+        if i > self.imax:
+            self.imax = i
+        if j < self.jmin:
+            self.jmin = j
+        if j > self.jmax:
+            self.jmax = j
+        for level in self.tree:  # one more non-empty sub-cell, up to the first known parent
+            i >>= 2
+            j >>= 2
+            shift -= 2
+            pk = (i << shift) + j
+            c = level.get(pk, 0)
+            level[pk] = c + 1
+            if c:
+                break
+
+    def drop_cell(self, key: int) -> None:
+        """Remove the (now empty) cell ``key`` and count it down the tree."""
+        del self.cells[key]
+        shift = self.shift
+        i = (key + self.half) >> shift
+        j = key - (i << shift)
+        for level in self.tree:
+            i >>= 2
+            j >>= 2
+            shift -= 2
+            pk = (i << shift) + j
+            c = level[pk] - 1
+            if c:
+                level[pk] = c
+                break
+            del level[pk]
+
+    def members(self) -> list[_Resp]:
+        return [r for b in self.cells.values() for r in b.values()]
+
+
+def _tree_buckets(
+    m: _Map, qx: float, qy: float, qz: float, qi: int, qj: int, done: int, box: list[float]
+) -> Iterator[dict[str, _Resp]]:
+    """The non-empty cells of ``m`` nearest-bound first, skipping those within Chebyshev
+    distance ``done`` of the query cell ``(qi, qj)`` (already scanned), and stopping once the
+    next bound exceeds the threshold ``box[0]`` (which the consumer lowers as it goes)."""
+    tree = m.tree
+    depth = len(tree)
+    top_shift = m.shift - 2 * depth
+    top_half = 1 << (top_shift - 1)
+    top_size = 2.0 ** (2 * depth - m.level)
+    heap: list[tuple[float, int, int, int]] = []
+    for key in tree[-1]:
+        i = (key + top_half) >> top_shift
+        j = key - (i << top_shift)
+        heap.append((_cell_lb(qx, qy, qz, i, j, top_size), depth, i, j))
+    heapify(heap)
+    cells = m.cells
+    while heap:
+        lb, p, i, j = heappop(heap)
+        thr = box[0]
+        if lb > 0.0 and lb * lb > thr:
+            return
+        if p == 0:
+            yield cells[(i << m.shift) + j]
+            continue
+        cp = p - 1
+        below: Container[int] = cells if cp == 0 else tree[cp - 1]
+        cshift = m.shift - 2 * cp
+        csize = 2.0 ** (2 * cp - m.level)
+        for ii in range(i << 2, (i << 2) + 4):
+            row = ii << cshift
+            for jj in range(j << 2, (j << 2) + 4):
+                if row + jj not in below:
+                    continue
+                if cp == 0 and abs(ii - qi) < done and abs(jj - qj) < done:
+                    continue
+                clb = _cell_lb(qx, qy, qz, ii, jj, csize)
+                if clb <= 0.0 or clb * clb <= thr:
+                    heappush(heap, (clb, cp, ii, jj))
+
+
+def _cell_lb(qx: float, qy: float, qz: float, i: int, j: int, size: float) -> float:
+    """A lower bound on the chord from unit vector ``q`` to any point of cell ``(i, j)`` of side
+    ``size`` degrees (at most 16): the distance from ``q`` to the cell's axis-aligned 3-D
+    bounding box, which contains every point of the cell. Loose by at most about a cell side."""
+    pa = radians(i * size)
+    pb = pa + radians(size)
+    if pa < -_HALF_PI:
+        pa = -_HALF_PI
+    if pb > _HALF_PI:
+        pb = _HALF_PI
+    za = sin(pa)
+    zb = sin(pb)
+    ca = cos(pa)
+    cb = cos(pb)
+    fmin = ca if ca < cb else cb
+    fmax = 1.0 if pa < 0.0 < pb else (ca if ca > cb else cb)
+    la = radians(j * size)
+    lb = la + radians(size)
+    c1 = cos(la)
+    c2 = cos(lb)
+    s1 = sin(la)
+    s2 = sin(lb)
+    gmin, gmax = (c1, c2) if c1 < c2 else (c2, c1)
+    hmin, hmax = (s1, s2) if s1 < s2 else (s2, s1)
+    # cos and sin reach +-1 inside [la, lb] when it holds a multiple of pi/2 (|la|, |lb| < 4 pi)
+    for turn in (-2.0 * pi, 0.0, 2.0 * pi):
+        if la <= turn <= lb:
+            gmax = 1.0
+        if la <= turn + pi <= lb:
+            gmin = -1.0
+        if la <= turn + _HALF_PI <= lb:
+            hmax = 1.0
+        if la <= turn - _HALF_PI <= lb:
+            hmin = -1.0
+    xlo = fmin * gmin if fmin * gmin < fmax * gmin else fmax * gmin
+    xhi = fmax * gmax if fmax * gmax > fmin * gmax else fmin * gmax
+    ylo = fmin * hmin if fmin * hmin < fmax * hmin else fmax * hmin
+    yhi = fmax * hmax if fmax * hmax > fmin * hmax else fmin * hmax
+    dx = xlo - qx if qx < xlo else (qx - xhi if qx > xhi else 0.0)
+    dy = ylo - qy if qy < ylo else (qy - yhi if qy > yhi else 0.0)
+    dz = za - qz if qz < za else (qz - zb if qz > zb else 0.0)
+    return sqrt(dx * dx + dy * dy + dz * dz) - _EPS
+
+
+def _rings_cost(thr: float, r: int, m: _Map, cq: float) -> float:
+    """About how many cell lookups the rings from ``r`` out to the threshold would take."""
+    rings = sqrt(thr) / (m.cellrad * max(cq, 1e-3)) + 1.0
+    return 4.0 * (rings * rings - r * r)
+
+
+_ring_cache: dict[tuple[int, int], tuple[int, ...]] = {}
+
+
+def _ring(shift: int, r: int) -> tuple[int, ...]:
+    """Key offsets of the cells at Chebyshev distance ``r`` from a cell, for key width ``shift``."""
+    if r == 0:
+        return (0,)
+    got = _ring_cache.get((shift, r))
+    if got is not None:
+        return got
+    w = 1 << shift
+    offs = [-r * w + dj for dj in range(-r, r + 1)]
+    offs += [r * w + dj for dj in range(-r, r + 1)]
+    for di in range(-r + 1, r):
+        offs.append(di * w - r)
+        offs.append(di * w + r)
+    out = tuple(offs)
+    if r <= _RING_CACHE:
+        _ring_cache[(shift, r)] = out
+    return out
+
+
+def _bbox_level(dlat: float, dlon: float, n: int, target: float) -> int:
+    """The level at which ``n`` points spread over ``dlat`` x ``dlon`` degrees average about
+    ``target`` per cell."""
+    side = sqrt(target * max(dlat, 1e-4) * max(dlon, 1e-4) / n)
+    return max(LEVEL_MIN, min(LEVEL_MAX, round(-log2(side))))
+
+
+def _choose_level(members: list[_Resp], target: float, occupancy_max: float) -> tuple[int, int]:
+    """``(level, bbox level)``: the level for ``members``, and the estimate from their bounding
+    box alone (refined when clustered members crowd a few cells)."""
+    n = len(members)
+    if n < 2:
+        return DEFAULT_LEVEL, DEFAULT_LEVEL
+    lats = [r.lat for r in members]
+    lons = [r.lon for r in members]
+    est = _bbox_level(max(lats) - min(lats), max(lons) - min(lons), n, target)
+    level = est
+    for _ in range(6):
+        if level >= LEVEL_MAX:
+            break
+        s = 2.0**level
+        used = len({(floor(r.lat * s), floor(r.lon * s)) for r in members})
+        if n <= occupancy_max * used:
+            break
+        level += 1
+    return level, est
+
+
+class CellIndex:
+    """Exact nearest-eligible-responder index (see the module docstring for how).
+
+    Tuning (the defaults are measured best; the rest exist so tests can force every path):
+    ``target_per_cell`` — members a map aims to hold per cell (about 0.4 is best for ``k = 1``);
+    ``occupancy_max`` — refine a map's cells while its non-empty cells hold more on average;
+    ``fixed_level`` — pin every map to one level, never rebuild; ``ring_limit`` — rings walked
+    before the tree search may take over; ``tree_budget`` — cell lookups the remaining rings may
+    cost before it does; ``scan_fallback`` — scan a small map outright when that is cheaper.
+    Not thread-safe: the one task that owns a town owns its index.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_per_cell: float = 0.4,
+        occupancy_max: float = 3.0,
+        fixed_level: int | None = None,
+        ring_limit: int = 3,
+        tree_budget: float = 300.0,
+        scan_fallback: bool = True,
+    ) -> None:
+        if fixed_level is not None and not LEVEL_MIN <= fixed_level <= LEVEL_MAX:
+            raise ValueError(f"fixed_level must be in {LEVEL_MIN}..{LEVEL_MAX}")
+        self._target = target_per_cell
+        self._occupancy_max = occupancy_max
+        self._fixed = fixed_level
+        self._ring_limit = ring_limit
+        self._tree_budget = tree_budget
+        self._scan_fallback = scan_fallback
+        self._resp: dict[str, _Resp] = {}
+        self._maps: dict[tuple[str, str], _Map] = {}
+        self.rebuilds = 0
+        """How many times a map re-picked its level (for tests and metrics)."""
+
+    # -- the ResponderIndex protocol -------------------------------------------------------------
+
+    def register(self, rid: str, pools: Iterable[str], skills: frozenset[str]) -> None:
+        """Make ``rid`` a member of ``pools`` with ``skills``; registering again replaces both.
+
+        Availability and position are kept across re-registration.
+        """
+        r = self._get(rid)
+        if r.active:
+            self._deactivate(r)
+        r.pools = tuple(dict.fromkeys(pools))
+        r.skills = frozenset(skills)
+        groups = ("*",) if "*" in r.skills else tuple(sorted(r.skills))
+        maps: list[_Map] = []
+        for pool in r.pools:
+            for g in groups:
+                m = self._maps.get((pool, g))
+                if m is None:
+                    m = self._maps[(pool, g)] = _Map(
+                        DEFAULT_LEVEL if self._fixed is None else self._fixed
+                    )
+                maps.append(m)
+        r.maps = tuple(maps)
+        r.keys = [0] * len(maps)
+        self._refresh(r)
+
+    def set_available(self, rid: str, available: bool) -> None:
+        r = self._get(rid)
+        r.available = available
+        self._refresh(r)
+
+    def move(self, rid: str, lon: float, lat: float, ts: float) -> None:
+        """Record a position (degrees) at ``ts``. Raises ``ValueError`` for impossible coordinates.
+
+        An unknown ``rid`` is remembered (with no pools) so ``position`` works before ``register``.
+        """
+        if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+            raise ValueError(f"position out of range: lon={lon!r} lat={lat!r}")
+        r = self._resp.get(rid)
+        if r is None:
+            r = self._get(rid)
+        p = radians(lat)
+        q = radians(lon)
+        c = cos(p)
+        r.x = c * cos(q)
+        r.y = c * sin(q)
+        r.z = sin(p)
+        r.lon = lon
+        r.lat = lat
+        r.ts = ts
+        if not r.active:
+            if not r.has_pos:
+                r.has_pos = True
+                self._refresh(r)
+            return
+        s = r.scale
+        ci = floor(lat * s)
+        cj = floor(lon * s)
+        if ci == r.ci and cj == r.cj:
+            return
+        r.ci = ci
+        r.cj = cj
+        keys = r.keys
+        lmax = r.lmax
+        rid = r.rid
+        due: list[_Map] | None = None
+        for n, m in enumerate(r.maps):
+            d = lmax - m.level
+            key = ((ci >> d) << m.shift) + (cj >> d)
+            old = keys[n]
+            if key != old:
+                cells = m.cells
+                ob = cells[old]
+                del ob[rid]
+                if not ob:
+                    m.drop_cell(old)
+                nb = cells.get(key)
+                if nb is None:
+                    m.new_cell(key, r)
+                else:
+                    nb[rid] = r
+                keys[n] = key
+                m.changes += 1
+                if m.changes > 4 * m.n + 64:
+                    due = [m] if due is None else [*due, m]
+        if due is not None:
+            for m in due:
+                self._maintain(m, changes_due=True)
+
+    def position(self, rid: str) -> tuple[float, float, float] | None:
+        """``(lon, lat, ts)`` of the last position, or ``None``."""
+        r = self._resp.get(rid)
+        if r is None or not r.has_pos:
+            return None
+        return (r.lon, r.lat, r.ts)
+
+    def nearest(
+        self,
+        pool: str,
+        lon: float,
+        lat: float,
+        *,
+        skill: str,
+        fresh_since: float,
+        exclude: Container[str] = (),
+        k: int = 1,
+    ) -> list[tuple[str, float]]:
+        """Up to ``k`` ``(responder id, metres)`` pairs, nearest first (ties: smaller id)."""
+        if k <= 0:
+            return []
+        maps = self._maps
+        m1 = maps.get((pool, "*"))
+        m2 = maps.get((pool, skill)) if skill != "*" else None
+        if m1 is not None and not m1.n:
+            m1 = None
+        if m2 is not None and not m2.n:
+            m2 = None
+        if m1 is None and m2 is None:
+            return []
+        p = radians(lat)
+        q = radians(lon)
+        cq = cos(p)
+        qx = cq * cos(q)
+        qy = cq * sin(q)
+        qz = sin(p)
+        # Angular room to the antimeridian caps the longitude lower bound (see module docstring).
+        lon_room = radians(min(180.0 - lon, 180.0 + lon))
+        if lon_room > _HALF_PI:
+            lon_room = _HALF_PI
+        cands: list[tuple[float, _Resp]] = []
+        best: list[float] = []
+        thr = inf
+        for m in (m1, m2):
+            if m is not None:
+                thr = self._search(
+                    m, lon, lat, qx, qy, qz, cq, lon_room, fresh_since, exclude, k, cands, best, thr
+                )
+        if not cands:
+            return []
+        out = sorted((haversine_m(lon, lat, r.lon, r.lat), r.rid) for d2, r in cands if d2 <= thr)
+        return [(rid, d) for d, rid in out[:k]]
+
+    # -- extras ----------------------------------------------------------------------------------
+
+    def all_positions(self) -> Iterator[tuple[str, float, float, float]]:
+        """``(rid, lon, lat, ts)`` of every responder with a position (for screens)."""
+        for r in self._resp.values():
+            if r.has_pos:
+                yield (r.rid, r.lon, r.lat, r.ts)
+
+    def remove(self, rid: str) -> None:
+        """Forget ``rid`` entirely (no-op when unknown)."""
+        r = self._resp.pop(rid, None)
+        if r is not None and r.active:
+            self._deactivate(r)
+
+    def is_available(self, rid: str) -> bool:
+        r = self._resp.get(rid)
+        return r is not None and r.available
+
+    def __len__(self) -> int:
+        return len(self._resp)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._resp
+
+    def pool_levels(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """``(pool, skill group) -> (level, members, cells)``, for diagnostics and benchmarks."""
+        return {key: (m.level, m.n, len(m.cells)) for key, m in self._maps.items()}
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _get(self, rid: str) -> _Resp:
+        r = self._resp.get(rid)
+        if r is None:
+            r = self._resp[rid] = _Resp(rid)
+        return r
+
+    def _refresh(self, r: _Resp) -> None:
+        """Bring ``r``'s map membership in line with its availability and position."""
+        want = r.available and r.has_pos and bool(r.maps)
+        if want and not r.active:
+            self._activate(r)
+        elif r.active and not want:
+            self._deactivate(r)
+
+    def _place(self, r: _Resp) -> None:
+        """Recompute ``r``'s finest cell from its position and the levels of its maps."""
+        r.lmax = max(m.level for m in r.maps)
+        r.scale = s = 2.0**r.lmax
+        r.ci = floor(r.lat * s)
+        r.cj = floor(r.lon * s)
+
+    def _activate(self, r: _Resp) -> None:
+        self._place(r)
+        for n, m in enumerate(r.maps):
+            key = m.key_of(r)
+            r.keys[n] = key
+            m.add(r, key)
+            m.n += 1
+        r.active = True
+        for m in r.maps:
+            if m.n > 2 * m.n_built + 16:
+                self._maintain(m)
+
+    def _deactivate(self, r: _Resp) -> None:
+        for n, m in enumerate(r.maps):
+            m.discard(r.rid, r.keys[n])
+            m.n -= 1
+        r.active = False
+        for m in r.maps:
+            if m.n_built > 64 and 4 * m.n < m.n_built:
+                self._maintain(m)
+
+    def _maintain(self, m: _Map, *, changes_due: bool = False) -> None:
+        """Re-pick ``m``'s level for its current members; rebuild it if the level changed.
+
+        With ``changes_due`` (members moved a lot) it first looks at O(1) signals — the level
+        its cell bounding box suggests, and crowding — and does the O(n) work only if they moved.
+        """
+        m.changes = 0
+        if self._fixed is not None:
+            m.n_built = m.n
+            return
+        if changes_due and m.n >= 2:
+            span = 1.0 / m.scale
+            est = _bbox_level(
+                (m.imax - m.imin + 1) * span, (m.jmax - m.jmin + 1) * span, m.n, self._target
+            )
+            if est == m.est and m.n <= self._occupancy_max * len(m.cells):
+                return
+        m.n_built = m.n
+        members = m.members()
+        level, m.est = _choose_level(members, self._target, self._occupancy_max)
+        if level != m.level:
+            self.rebuilds += 1
+            m.set_level(level)
+            for r in members:
+                self._place(r)
+                key = m.key_of(r)
+                r.keys[r.maps.index(m)] = key
+                m.add(r, key)
+        elif changes_due:
+            # Same level: shrink the bounding box, which only grows while members wander.
+            m.reset_bbox()
+            for key in m.cells:
+                i = (key + m.half) >> m.shift
+                j = key - (i << m.shift)
+                m.imin = min(m.imin, i)
+                m.imax = max(m.imax, i)
+                m.jmin = min(m.jmin, j)
+                m.jmax = max(m.jmax, j)
+            m.est = _bbox_level(
+                (m.imax - m.imin + 1) / m.scale, (m.jmax - m.jmin + 1) / m.scale, m.n, self._target
+            )
+
+    def _search(
+        self,
+        m: _Map,
+        lon: float,
+        lat: float,
+        qx: float,
+        qy: float,
+        qz: float,
+        cq: float,
+        lon_room: float,
+        fresh: float,
+        exclude: Container[str],
+        k: int,
+        cands: list[tuple[float, _Resp]],
+        best: list[float],
+        thr: float,
+    ) -> float:
+        """Add to ``cands`` every eligible member of ``m`` that can be among the ``k`` nearest.
+
+        ``best`` holds the smallest squared chords seen so far (at most ``k``) and ``thr`` the
+        squared chord of the k-th best plus the margin; the new ``thr`` is returned.
+        """
+        s = m.scale
+        fy = lat * s
+        fx = lon * s
+        i = floor(fy)
+        j = floor(fx)
+        fmin = fy - i
+        if fmin > 0.5:
+            fmin = 1.0 - fmin
+        gmin = fx - j
+        if gmin > 0.5:
+            gmin = 1.0 - gmin
+        shift = m.shift
+        cells = m.cells
+        get = cells.get
+        r = max(0, m.imin - i, i - m.imax, m.jmin - j, j - m.jmax)
+        rmax = max(i - m.imin, m.imax - i, j - m.jmin, m.jmax - j)
+        ncells = len(cells)
+        visited = 0
+        cellrad = m.cellrad
+        kth = best[k - 1] if len(best) >= k else inf
+        base = (i << shift) + j
+        box = [thr]  # the tree search reads the current threshold through this
+        while r <= rmax:
+            nring = 8 * r if r else 1
+            if visited + nring > ncells and self._scan_fallback:
+                # Scanning what is left is cheaper than the next ring: finish with a scan.
+                half = m.half
+                src: Iterable[dict[str, _Resp] | None] = [
+                    b
+                    for key, b in cells.items()
+                    if abs(((key + half) >> shift) - i) >= r
+                    or abs(key - (((key + half) >> shift) << shift) - j) >= r
+                ]
+                rmax = -1
+            elif (
+                r > self._ring_limit
+                and m.tree
+                and (thr == inf or _rings_cost(thr, r, m, cq) > self._tree_budget)
+            ):
+                # Far from anything (sparse or clustered members), the rings still to walk would
+                # cost more lookups than a best-first search down the tree.
+                src = _tree_buckets(m, qx, qy, qz, i, j, r, box)
+                rmax = -1
+            else:
+                src = map(get, map(base.__add__, _ring(shift, r)))
+                visited += nring
+            for b in src:
+                if b is None:
+                    continue
+                for rec in b.values():
+                    dx = rec.x - qx
+                    dy = rec.y - qy
+                    dz = rec.z - qz
+                    d2 = dx * dx + dy * dy + dz * dz
+                    if d2 <= thr:
+                        if rec.ts < fresh or rec.rid in exclude:
+                            continue
+                        cands.append((d2, rec))
+                        if d2 < kth:
+                            insort(best, d2)
+                            if len(best) > k:
+                                best.pop()
+                            if len(best) == k:
+                                kth = best[-1]
+                                c = sqrt(kth) + _DELTA
+                                thr = box[0] = c * c
+            if thr < inf:
+                dphi = (r + fmin) * cellrad
+                lb = 2.0 * sin(dphi * 0.5) if dphi < pi else 2.0
+                dlam = (r + gmin) * cellrad
+                if dlam > lon_room:
+                    dlam = lon_room
+                lb2 = cq * sin(dlam)
+                if lb2 < lb:
+                    lb = lb2
+                lb -= _EPS
+                if lb > 0.0 and lb * lb > thr:
+                    break
+            r += 1
+        return thr
+
+
+def chord_to_m(chord: float) -> float:
+    """Great-circle metres of a unit-sphere chord length (for diagnostics)."""
+    return 2.0 * EARTH_RADIUS_M * asin(min(1.0, chord * 0.5))
