@@ -85,7 +85,7 @@ def cmd_grids_check(args: argparse.Namespace) -> int:
     problems = check_grids(Path(args.file))
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
-        print(f"{args.file}: {p.severity}: {p.message}")
+        print(f"{args.file}: {p}")
     print(f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     return 1 if errors else 0
 
@@ -191,6 +191,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--duration", type=float, default=30.0)
     b.add_argument("--processes", type=int, default=1)
     b.add_argument("--out", default=None, help="JSON results file")
+    b.add_argument("--mode", choices=["steady", "ingest"], default="steady",
+                   help="steady: positions + reports + screens; ingest: flood positions")
+    b.add_argument("--server-pid", type=int, default=None,
+                   help="server process for CPU/RSS (default: whoever listens on the port)")
+    b.add_argument("--warmup", type=float, default=3.0, help="seconds before the window")
+    b.add_argument("--drain", type=float, default=3.0, help="seconds to wait for stragglers")
+    b.add_argument("--burst", type=int, default=0, help="send reports in bursts of N ...")
+    b.add_argument("--burst-every", type=float, default=1.0, help="... every S seconds")
+    b.add_argument("--inflight", type=int, default=256,
+                   help="with --rate 0: reports outstanding at once (closed loop)")
+    b.add_argument("--max-inflight", type=int, default=5000,
+                   help="steady rate: stop adding reports beyond this many unanswered (shed)")
+    b.add_argument("--handled-share", type=float, default=0.0,
+                   help="share of reports sent with handled: true (nothing dispatched)")
+    b.add_argument("--hold", type=float, default=0.0,
+                   help="seconds an accepted incident is held before resolve")
+    b.add_argument("--no-accept", action="store_true", help="devices ignore offers")
+    b.add_argument("--all-categories", action="store_true",
+                   help="also report categories that need verification")
+    b.add_argument("--screen-scope", default=None,
+                   help="grid id the screens watch (default the town; 'villages' = spread)")
+    b.add_argument("--connect-rate", type=float, default=1000.0, help="new connections per s")
+    b.add_argument("--request-timeout", type=float, default=30.0)
+    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--label", default="", help="a name for this run in the table and JSON")
+    b.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave the generator's garbage collector at its defaults")
+    b.add_argument("--quiet", action="store_true", help="no progress line")
+    b.add_argument("--no-probe", action="store_true",
+                   help="no extra connection timing ping -> pong every 100 ms")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -405,3 +405,14 @@ async def test_graceful_shutdown_closes_with_1001(tmp_path: Path) -> None:
     assert srv.stop() == 0
     assert await c.closed() == 1001
     assert await s.closed() == 1001
+
+
+async def test_browser_origin_must_be_allowed(server: ServerProcess) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as err:
+        await Client.connect(server.ws + "/ws/screen", origin="http://evil.example")
+    assert err.value.response.status_code == 403
+    same = await Client.connect(server.ws + "/ws/screen", origin=server.http)
+    await same.send({"type": "hello", "token": token("operator", "op", scope="T0")})
+    await same.wait_for(lambda m: m["type"] == "snapshot")
