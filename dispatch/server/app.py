@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -44,7 +45,12 @@ def create_app(
     )
     runners: dict[str, Any] = {}
     clock = clock or SystemClock()
-    stats_config = config_from_settings(settings)
+    stats_config = dataclasses.replace(
+        config_from_settings(settings),
+        category_names_zh={
+            code: x.name_zh for code, x in data.category_extras.items() if x.name_zh
+        },
+    )
 
     def stats_families() -> list[Any]:
         now = clock.now()

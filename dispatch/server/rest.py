@@ -13,8 +13,10 @@ from dispatch.engine.engine import Engine
 from dispatch.errors import HTTP_STATUS, Rejected
 from dispatch.server.auth import Principal, verify
 from dispatch.server.context import Context
+from dispatch.server.limits import TokenBucket
 from dispatch.server.screen import runner_of_incident
 from dispatch.stats import compute_stats
+from dispatch.stats.safety import safety_history
 from dispatch.wire.codec import decode_intake, dumps, event_wire, parse_time
 from dispatch.wire.objects import incident_obj, responder_obj
 
@@ -78,6 +80,24 @@ def principal_of(request: web.Request, roles: frozenset[str] | None = None) -> P
     if roles is not None and principal.role not in roles:
         raise Rejected("forbidden", f"A {principal.role} token may not use this endpoint.")
     return principal
+
+
+def _rate_limit(ctx: Context, principal: Principal) -> None:
+    """Writes over REST share the websocket limits, per user."""
+    s = ctx.settings.server
+    now = ctx.clock.now()
+    bucket = ctx.rest_buckets.get(principal.sub)
+    if bucket is None:
+        if len(ctx.rest_buckets) > 10_000:
+            ctx.rest_buckets.clear()
+        bucket = ctx.rest_buckets[principal.sub] = TokenBucket(
+            s.rate, s.burst, s.flood_close_after, now
+        )
+    if not bucket.take(now):
+        raise Rejected(
+            "rate_limited",
+            f"Slow down: at most {s.rate:g} requests a second (bursts of {s.burst}).",
+        )
 
 
 def json_response(doc: Any, status: int = 200) -> web.Response:
@@ -202,6 +222,7 @@ async def candidates(request: web.Request) -> web.Response:
 async def post_incident(request: web.Request) -> web.Response:
     principal = principal_of(request, frozenset({"operator", "admin"}))
     ctx: Context = request.app[Context.KEY]
+    _rate_limit(ctx, principal)
     body = await request.read()
     if len(body) > ctx.settings.server.max_message_bytes:
         raise Rejected("too_large", "The request body is over the message size limit.")
@@ -267,6 +288,27 @@ async def stats(request: web.Request) -> web.Response:
     return json_response(compute_stats(engine, scope, ctx.clock.now(), ctx.hub.stats_config))
 
 
+async def safety(request: web.Request) -> web.Response:
+    """The safety index of one grid for the last ``days`` local days (today last)."""
+    principal = principal_of(request, VIEWERS)
+    ctx: Context = request.app[Context.KEY]
+    grid = request.match_info["grid"]
+    town = ctx.town_of_grid(grid)
+    if town is None:
+        raise Rejected("not_found", f"There is no grid {grid!r}.")
+    if not principal.is_admin and (
+        principal.scope is None or not ctx.data.towns[town].in_subtree(grid, principal.scope)
+    ):
+        raise Rejected("forbidden", f"Grid {grid} is outside your scope.")
+    try:
+        days = max(1, min(int(request.query.get("days", "30")), 366))
+    except ValueError:
+        raise Rejected("bad_message", "days must be an integer.") from None
+    engine = ctx.runners[town].engine
+    history = safety_history(engine, grid, days, now=ctx.clock.now(), config=ctx.hub.stats_config)
+    return json_response({"grid": grid, "days": history})
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/healthz", healthz),
@@ -279,6 +321,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/api/incidents/{id}/candidates", candidates),
         web.get("/api/responders", list_responders),
         web.get("/api/stats", stats),
+        web.get("/api/safety/{grid}", safety),
     ]
 
 

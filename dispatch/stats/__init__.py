@@ -167,7 +167,12 @@ def compute_stats(engine: EngineLike, scope: str, now: float,
         "safety": safety_map(live, town, safety_ids, cfg),
         "safety_trend": (history(idx.counts, town, scope, cfg.safety_history_days, today, cfg)
                          if grid is not None else []),
-        "categories": {code: {"name": c.name, "group": c.group} for code, c in cats.items()},
+        "categories": {
+            code: {"name": c.name, "group": c.group,
+                   **({"name_zh": cfg.category_names_zh[code]}
+                      if code in cfg.category_names_zh else {})}
+            for code, c in cats.items()
+        },
         "breakdown": {
             "by_level": breakdown(by_level, start, end, now, LEVEL_KEYS),
             "by_category": breakdown(by_category, start, end, now),

@@ -45,6 +45,9 @@ class StatsConfig:
     timezone_offset_hours: float = 8.0
     """The local day starts at 00:00 at this offset from UTC (8 = China Standard Time)."""
 
+    category_names_zh: Mapping[str, str] = field(default_factory=dict)
+    """Chinese category names from ``categories.toml`` (``name_zh``), passed to screens."""
+
     safety_weights: Mapping[str, float] = field(default_factory=_default_weights)
     """Relative weight of each group's sub-score (normalised to sum 1). ``other`` is 0: it is
     not a safety signal."""

@@ -416,3 +416,17 @@ async def test_browser_origin_must_be_allowed(server: ServerProcess) -> None:
     same = await Client.connect(server.ws + "/ws/screen", origin=server.http)
     await same.send({"type": "hello", "token": token("operator", "op", scope="T0")})
     await same.wait_for(lambda m: m["type"] == "snapshot")
+
+
+async def test_safety_history_endpoint(server: ServerProcess) -> None:
+    w1 = await field(server, "w1", (113.005, 22.605))
+    await report(w1, category="fire_hazard", handled=True)
+    v1 = token("operator", "v1clerk", scope="V1")
+    st, _, doc = server.get("/api/safety/V1A?days=7", v1)
+    assert st == 200 and doc["grid"] == "V1A" and len(doc["days"]) == 7
+    today = doc["days"][-1]
+    assert today["fire"] == pytest.approx(1.0)  # 1 fire alert per 10,000 residents
+    st, _, doc = server.get("/api/safety/V2A", v1)
+    assert st == 403 and doc["code"] == "forbidden"
+    st, _, doc = server.get("/api/safety/NOPE", v1)
+    assert st == 404
