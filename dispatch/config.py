@@ -197,10 +197,12 @@ class DataSettings:
 
 def _store_url_ok(url: str) -> str:
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("sqlite", "redis", "rediss", "memory"):
+    if not sep or scheme not in (
+        "sqlite", "redis", "rediss", "redis-cluster", "rediss-cluster", "memory"
+    ):
         raise _Bad(
-            'must be "sqlite:///path/to/file.db", "redis://host:port/db", "rediss://…" '
-            'or "memory://"'
+            'must be "sqlite:///path/to/file.db", "redis://host:port/db", "rediss://…", '
+            '"redis-cluster://host:port[,host:port…]" or "memory://"'
         )
     if scheme == "sqlite" and (not rest.startswith("/") or rest in ("/", "/:memory:")):
         raise _Bad(
@@ -227,9 +229,10 @@ class StoreSettings:
 
     @property
     def scheme(self) -> str:
-        """``"sqlite"``, ``"redis"`` (also for ``rediss://``) or ``"memory"``."""
+        """``"sqlite"``, ``"redis"`` (also for ``rediss://`` and Redis Cluster urls) or
+        ``"memory"``."""
         scheme = self.url.partition("://")[0]
-        return "redis" if scheme == "rediss" else scheme
+        return "redis" if scheme.startswith("redis") else scheme
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -22,12 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
 
 from dispatch.engine import commands as c
 from dispatch.errors import LogUnavailable, Rejected
-from dispatch.log.redis import REDIS_ERRORS, town_key
+from dispatch.log.redis import REDIS_ERRORS, RedisClient, town_key
 
 log = structlog.get_logger("dispatch.cluster")
 
@@ -84,7 +83,7 @@ class Bus:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         instance: str,
         towns: list[str],
         on_positions: Callable[[str, list[list[Any]]], None],
@@ -180,13 +179,14 @@ class Bus:
                     if msg is None:
                         continue
                     self._dispatch(msg["channel"].decode(), msg["data"])
-            except REDIS_ERRORS as err:
+            except Exception as err:
                 log.warning("bus connection lost; reconnecting", error=str(err))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
+                closer: Any = pubsub.aclose  # typed on Redis, untyped on RedisCluster
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await closer()
 
     def _dispatch(self, channel: str, data: bytes) -> None:
         doc = _dec.decode(data)

@@ -9,7 +9,6 @@ after this replica has applied the seq the owner reported durable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ class TownFollower:
     healthy: bool = field(init=False, default=False)
     _waiters: list[tuple[int, asyncio.Future[None]]] = field(init=False, default_factory=list)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _stopped: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.engine = self.make_engine()
@@ -65,10 +65,13 @@ class TownFollower:
         self._task = asyncio.create_task(self._follow(), name=f"follow-{self.town}")
 
     async def stop(self) -> None:
+        """Stop following. A blocking XREAD does not always give way to cancellation at once
+        (redis-py may finish the command first), so the task is flagged, cancelled and awaited
+        only briefly; a straggler applies nothing after the flag."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)
             self._task = None
         for _, fut in self._waiters:
             if not fut.done():
@@ -80,6 +83,8 @@ class TownFollower:
         while True:
             try:
                 async for rec in self.log.follow(self.town, self.engine.state.seq):
+                    if self._stopped:
+                        return
                     ev = decode_event(rec.data)
                     state = self.engine.state
                     notices = notices_for(state, ev)

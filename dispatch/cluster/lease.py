@@ -18,50 +18,47 @@ Rules for callers:
   acquires. Fencing guarantees that two owners never interleave writes, not that the lease is held.
 
 Redis errors surface as :class:`~dispatch.errors.LogUnavailable` (Redis is also the log here).
+``client`` may be a single Redis or a Redis Cluster client (:data:`dispatch.log.redis.RedisClient`):
+each script names only the keys of one town, which share its hash tag and so its cluster slot.
 """
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from dispatch.errors import LogUnavailable
-from dispatch.log.redis import REDIS_ERRORS, town_key
+from dispatch.log.redis import REDIS_ERRORS, LuaScript, RedisClient, town_key
 
 __all__ = ["Lease"]
 
-_ACQUIRE = """#!lua
+_ACQUIRE = LuaScript("""#!lua
 -- KEYS[1] owner, KEYS[2] epoch; ARGV[1] owner id, ARGV[2] ttl ms
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
 return false
-"""
+""")
 
-_RENEW = """#!lua
+_RENEW = LuaScript("""#!lua
 -- KEYS[1] owner; ARGV[1] owner id, ARGV[2] ttl ms
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-"""
+""")
 
-_RELEASE = """#!lua
+_RELEASE = LuaScript("""#!lua
 -- KEYS[1] owner; ARGV[1] owner id
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
 
 
 class Lease:
     """Acquire, renew and release town leases on ``client`` (see the module docstring)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
 
     async def acquire(self, town: str, owner_id: str, ttl_ms: int) -> int | None:
         """Take the lease if nobody holds it: returns the new fencing epoch, or None if held.
@@ -71,7 +68,7 @@ class Lease:
         _check_ttl(ttl_ms)
         keys = [town_key(town, "owner"), town_key(town, "epoch")]
         try:
-            epoch = await self._acquire(keys=keys, args=[owner_id, ttl_ms])
+            epoch = await _ACQUIRE(self.client, keys, [owner_id, ttl_ms])
         except REDIS_ERRORS as exc:
             raise LogUnavailable(f"redis: lease acquire for {town!r} failed: {exc}") from exc
         return None if epoch is None else int(epoch)
@@ -80,7 +77,7 @@ class Lease:
         """Extend the lease to ``ttl_ms`` from now if ``owner_id`` still holds it; else False."""
         _check_ttl(ttl_ms)
         try:
-            renewed = await self._renew(keys=[town_key(town, "owner")], args=[owner_id, ttl_ms])
+            renewed = await _RENEW(self.client, [town_key(town, "owner")], [owner_id, ttl_ms])
         except REDIS_ERRORS as exc:
             raise LogUnavailable(f"redis: lease renew for {town!r} failed: {exc}") from exc
         return bool(renewed)
@@ -88,7 +85,7 @@ class Lease:
     async def release(self, town: str, owner_id: str) -> bool:
         """Give the lease up if ``owner_id`` holds it (so a successor need not wait the TTL)."""
         try:
-            released = await self._release(keys=[town_key(town, "owner")], args=[owner_id])
+            released = await _RELEASE(self.client, [town_key(town, "owner")], [owner_id])
         except REDIS_ERRORS as exc:
             raise LogUnavailable(f"redis: lease release for {town!r} failed: {exc}") from exc
         return bool(released)

@@ -196,9 +196,8 @@ class ClusterNode:
 
     async def _stop_role(self, slot: TownSlot) -> None:
         if slot.inbox_task is not None:
-            slot.inbox_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await slot.inbox_task
+            slot.inbox_task.cancel()  # a blocking XREAD may take a moment to give way
+            await asyncio.wait({slot.inbox_task}, timeout=2.0)
             slot.inbox_task = None
         if slot.role is not None:
             await slot.role.stop()

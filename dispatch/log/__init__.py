@@ -5,6 +5,9 @@
 ``sqlite:///var/dispatch.db``          :class:`SqliteLog` — relative to ``base_dir``
 ``sqlite:////srv/dispatch/log.db``     :class:`SqliteLog` — absolute (four slashes)
 ``redis://host:6379/0``                :class:`RedisLog` — also ``rediss://`` and ``unix://``
+``redis-cluster://host:6379``          :class:`RedisLog` on a Redis Cluster — also
+                                       ``rediss-cluster://``; several seed nodes as
+                                       ``redis-cluster://h1:p1,h2:p2``; database 0 only
 =====================================  =====================================================
 
 See :mod:`dispatch.log.base` for the contract every backend honours.
@@ -18,12 +21,15 @@ from urllib.parse import urlsplit
 from dispatch.errors import ConfigError
 from dispatch.log.base import EventLog, Record
 from dispatch.log.memory import MemoryLog
-from dispatch.log.redis import RedisLog
+from dispatch.log.redis import CLUSTER_SCHEMES, RedisLog
 from dispatch.log.sqlite import SqliteLog
 
 __all__ = ["EventLog", "MemoryLog", "Record", "RedisLog", "SqliteLog", "open_log"]
 
-_EXPECTED = "expected memory://, sqlite:///path/to/file.db or redis://host:port/db"
+_EXPECTED = (
+    "expected memory://, sqlite:///path/to/file.db, redis://host:port/db or "
+    "redis-cluster://host:port"
+)
 
 
 def open_log(url: str, *, base_dir: Path | None = None) -> EventLog:
@@ -60,6 +66,11 @@ def open_log(url: str, *, base_dir: Path | None = None) -> EventLog:
             raise ConfigError(f"[store] url {url!r}: {exc}") from exc
         if scheme != "unix" and not parts.hostname:
             raise ConfigError(f"[store] url {url!r}: no host")
+        try:
+            return RedisLog.from_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"[store] url {url!r}: {exc}") from exc
+    if scheme in CLUSTER_SCHEMES:
         try:
             return RedisLog.from_url(url)
         except ValueError as exc:

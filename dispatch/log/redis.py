@@ -44,29 +44,68 @@ the client's connection pool.
 ``follow`` reads with ``XREAD BLOCK`` from the last id it yielded, which sees appends made by
 every process: that is how an instance follows towns owned by others. Each waiting follower
 holds one pooled connection while it blocks.
+
+Redis Cluster: ``redis-cluster://host:port`` (``rediss-cluster://`` for TLS; several seed nodes as
+``redis-cluster://h1:p1,h2:p2``; database 0 only) makes a
+:class:`redis.asyncio.cluster.RedisCluster` client (:func:`connect_cluster`), again without
+retries of its own. Nothing else changes: every command and every script names only keys of one
+town, which share the hash tag ``{<town>}`` and so one slot, so each goes to the one primary that
+owns the town (MOVED/ASK redirections are followed: they mean the command did not run). Towns
+spread over the primaries by the CRC16 of their names. Scripts are run by EVALSHA and, on
+NOSCRIPT, by EVAL on the town's own node (not redis-py's SCRIPT LOAD on *every* primary, which
+would make a town's appends depend on the other shards). ``XREAD BLOCK`` is sent straight to the
+town's node. ``ping()`` pings every primary: a log with a shard down is not ready, although the
+towns on the other shards go on working. A primary that stops makes only its own towns
+unavailable; with replicas, a failover to a replica can lose acknowledged appends (replication is
+asynchronous), as for a single Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.typing import EncodableT
 
 from dispatch.errors import Fenced, LogUnavailable, SeqConflict
 from dispatch.log.base import EventLog, Record
 from dispatch.log.memory import check_after, check_batch
 
-__all__ = ["APPEND_SCRIPT", "RedisLog", "connect", "town_key"]
+__all__ = [
+    "APPEND_SCRIPT",
+    "CLUSTER_SCHEMES",
+    "LuaScript",
+    "RedisClient",
+    "RedisLog",
+    "client_from_url",
+    "connect",
+    "connect_cluster",
+    "town_key",
+]
+
+#: A single Redis or a Redis Cluster: RedisLog and Lease work with either.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+
+#: URL schemes that mean a Redis Cluster (see :func:`connect_cluster`).
+CLUSTER_SCHEMES = ("redis-cluster", "rediss-cluster")
 
 #: Errors that mean "Redis cannot do this now": connection loss, timeouts, and server-side refusals
-#: such as OOM, MISCONF or READONLY (all ResponseError). NoScriptError is handled by redis-py.
-REDIS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError,)
+#: such as OOM, MISCONF or READONLY (all ResponseError); for a cluster also CLUSTERDOWN, and
+#: RedisClusterException (no reachable node at start, a slot not covered), which is not a
+#: RedisError. NoScriptError is handled by :class:`LuaScript`.
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+)
 
 APPEND_SCRIPT = """#!lua
 -- KEYS[1] events stream, KEYS[2] epoch key
@@ -95,7 +134,17 @@ _DATA = b"d"
 
 
 def town_key(town: str, kind: str) -> str:
-    """The key of one of a town's values: ``dispatch:{<town>}:<kind>``."""
+    """The key of one of a town's values: ``dispatch:{<town>}:<kind>``.
+
+    Redis Cluster hashes only the hash tag, the text between the first ``{`` and the next ``}``,
+    so all the keys of a town share a slot, whatever the town's name: ``a{b}`` has the tag ``a{b``,
+    ``x}y`` the tag ``x``. Only an empty name, or one that starts with ``}``, would give an empty
+    tag (then Redis hashes the whole key, and a town's keys would land in different slots); those
+    names get ``dispatch:!{!<town>}:<kind>`` instead, whose tag ``!…`` is never empty and which
+    no other town's key can equal (every other key has ``{`` right after ``dispatch:``).
+    """
+    if not town or town[0] == "}":
+        return f"dispatch:!{{!{town}}}:{kind}"
     return f"dispatch:{{{town}}}:{kind}"
 
 
@@ -110,8 +159,118 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **kwargs)
 
 
+def connect_cluster(url: str, **kwargs: Any) -> RedisCluster:
+    """A Redis Cluster client for ``url`` that never retries a command by itself.
+
+    ``url`` is ``redis-cluster://[user:password@]host:port[,host:port…][/0][?option=value…]``
+    (``rediss-cluster://`` for TLS): one or more seed nodes, from which the client discovers the
+    cluster on its first command (lazily, like :func:`connect`). Query options are the ones of
+    ``redis://`` URLs. Raises ``ValueError`` for a URL it cannot use. ``kwargs`` go to
+    ``RedisCluster.from_url``. The client keeps up to ``max_connections`` (default 10 000)
+    connections per node: each waiting follower holds one.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"expected {' or '.join(s + '://' for s in CLUSTER_SCHEMES)}")
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("a Redis Cluster has only database 0")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    seeds = [_host_port(host) for host in hosts.split(",")]
+    first = seeds[0][0]
+    first = f"[{first}]" if ":" in first else first
+    single = urlunsplit(
+        ("rediss" if scheme == "rediss-cluster" else "redis",
+         f"{userinfo}{at}{first}:{seeds[0][1]}", "", parts.query, "")
+    )  # fmt: skip
+    kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+    kwargs.setdefault("socket_timeout", 10.0)
+    kwargs.setdefault("socket_connect_timeout", 5.0)
+    kwargs.setdefault("max_connections", 10_000)
+    kwargs.setdefault("reinitialize_steps", 0)
+    if len(seeds) > 1:
+        kwargs.setdefault("startup_nodes", [ClusterNode(host, port) for host, port in seeds[1:]])
+    return _Cluster.from_url(single, **kwargs)
+
+
+class _Cluster(RedisCluster):
+    """A RedisCluster that learns the slot map before it routes any command.
+
+    redis-py 8.1 picks a command's routing before it initializes the client: a keyed command
+    issued while the client has no slot map yet (its first commands, or any right after a
+    CLUSTERDOWN reset) goes to a random primary and comes back MOVED. Concurrent first commands
+    then pile up MOVED replies, and with the default ``reinitialize_steps=5`` every fifth one
+    closes *all* the client's connections, failing the commands in flight on them (appends
+    included). So: initialize first (a no-op once done), and :func:`connect_cluster` sets
+    ``reinitialize_steps=0``, which makes a MOVED patch its one slot instead of closing
+    everything (a lost node still makes the next command rediscover the cluster).
+    """
+
+    async def execute_command(self, *args: EncodableT, **kwargs: Any) -> Any:
+        await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+    def pubsub(
+        self,
+        node: ClusterNode | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> ClusterPubSub:
+        return _ClusterPubSub(self, node=node, host=host, port=port, **kwargs)
+
+
+class _ClusterPubSub(ClusterPubSub):
+    """The same for pub/sub: a first SUBSCRIBE on an uninitialized client raises KeyError."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.cluster.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``host[:port]`` (``[v6]:port`` too) of a seed node; the port defaults to 6379."""
+    parts = urlsplit(f"//{text}")
+    port = parts.port  # raises ValueError for a port that is not a number
+    if not parts.hostname:
+        raise ValueError(f"no host in {text!r}")
+    return parts.hostname, 6379 if port is None else port
+
+
+def client_from_url(url: str, **kwargs: Any) -> RedisClient:
+    """:func:`connect_cluster` for ``redis-cluster://`` URLs, else :func:`connect`."""
+    if urlsplit(url).scheme.lower() in CLUSTER_SCHEMES:
+        return connect_cluster(url, **kwargs)
+    return connect(url, **kwargs)
+
+
+class LuaScript:
+    """A Lua script run with EVALSHA, and with EVAL when the server answers NOSCRIPT.
+
+    Replaces redis-py's ``register_script``, whose NOSCRIPT fallback sends SCRIPT LOAD to every
+    primary of a cluster (so an append would fail while an unrelated shard is down). EVAL goes
+    to the node of the script's keys like EVALSHA, and caches the script there. NOSCRIPT means
+    the script did not run, so running it again cannot apply it twice.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def __call__(
+        self, client: RedisClient, keys: Sequence[str], args: Sequence[bytes | str | int]
+    ) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await client.eval(self.text, len(keys), *keys, *args)
+
+
 def _unavailable(what: str, exc: Exception) -> LogUnavailable:
-    return LogUnavailable(f"redis: {what} failed: {type(exc).__name__}: {exc}")
+    hint = ""
+    if isinstance(exc, redis.exceptions.AskError):  # MovedError too: a cluster node said MOVED
+        hint = " (this Redis is part of a cluster: use a redis-cluster:// URL)"
+    return LogUnavailable(f"redis: {what} failed: {type(exc).__name__}: {exc}{hint}")
 
 
 def _records(entries: Any) -> list[Record]:
@@ -131,8 +290,9 @@ class _Turn:
 class RedisLog(EventLog):
     """Event log in Redis streams; see the module docstring.
 
-    ``client`` must be created with ``decode_responses=False`` (the default); use
-    :meth:`from_url` or :func:`connect` to get one that does not retry by itself. ``close()`` closes
+    ``client`` is a ``redis.asyncio`` client or a Redis Cluster client, created with
+    ``decode_responses=False`` (the default); use :meth:`from_url`, :func:`connect` or
+    :func:`connect_cluster` to get one that does not retry by itself. ``close()`` closes
     the client only when ``owns_client`` is true. ``block_ms`` is how long one ``XREAD BLOCK``
     waits (a follower notices ``close()`` within that time); ``page`` caps the entries fetched by
     one command.
@@ -140,7 +300,7 @@ class RedisLog(EventLog):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         owns_client: bool = False,
         block_ms: int = 1000,
@@ -155,12 +315,21 @@ class RedisLog(EventLog):
         self._idle = asyncio.Event()
         self._idle.set()
         self._turns: dict[str, _Turn] = {}
-        self._append_script = client.register_script(APPEND_SCRIPT)
+        self._append_script = LuaScript(APPEND_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisLog:
-        """A log over a new client for ``url`` (``redis://host:port/db``), closed with the log."""
-        return cls(connect(url), owns_client=True, **kwargs)
+        """A log over a new client for ``url``, closed with the log.
+
+        ``redis://host:port/db`` (or ``rediss://``, ``unix://``) for one Redis,
+        ``redis-cluster://host:port`` (or ``rediss-cluster://``) for a Redis Cluster.
+        """
+        return cls(client_from_url(url), owns_client=True, **kwargs)
+
+    @property
+    def cluster(self) -> bool:
+        """True when the client is a Redis Cluster client."""
+        return isinstance(self.client, RedisCluster)
 
     def __repr__(self) -> str:
         return f"RedisLog({self.client!r})"
@@ -191,7 +360,7 @@ class RedisLog(EventLog):
         turn.users += 1
         try:
             async with turn.lock:
-                status, value = await self._append_script(keys=keys, args=args)
+                status, value = await self._append_script(self.client, keys, args)
         except REDIS_ERRORS as exc:
             raise _unavailable(f"append to {town!r}", exc) from exc
         finally:
@@ -243,9 +412,7 @@ class RedisLog(EventLog):
         key = town_key(town, "events")
         while not self._closed:
             try:
-                reply = await self.client.xread(
-                    {key: f"{after}-0"}, count=self._page, block=self._block_ms
-                )
+                reply = await self._xread(key, after)
             except REDIS_ERRORS as exc:
                 if self._closed:
                     return
@@ -259,10 +426,30 @@ class RedisLog(EventLog):
                     after = record.seq
                     yield record
 
+    async def _xread(self, key: str, after: int) -> Any:
+        """``XREAD COUNT … BLOCK … STREAMS key <after>-0``.
+
+        A cluster client sends it straight to the node that owns ``key``: left to itself, redis-py
+        first asks a fixed node (``COMMAND GETKEYS``) where the keys of an XREAD are.
+        """
+        client = self.client
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # a no-op unless the client has yet to learn the slots
+            node = client.get_node_from_key(key)
+            return await client.execute_command(
+                "XREAD", "COUNT", self._page, "BLOCK", self._block_ms,
+                "STREAMS", key, f"{after}-0", target_nodes=node,
+            )  # fmt: skip
+        return await client.xread({key: f"{after}-0"}, count=self._page, block=self._block_ms)
+
     async def ping(self) -> None:
         self._check_open()
         try:
-            await self.client.ping()
+            client = self.client
+            if isinstance(client, RedisCluster):
+                await client.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await client.ping()
         except REDIS_ERRORS as exc:
             raise _unavailable("ping", exc) from exc
 

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -83,9 +85,23 @@ def create_app(
 
         app.router.add_get("/", root)
         app.router.add_static("/static/", static_dir, show_index=False)
+    app.on_startup.insert(0, _install_task_dump)
     app.cleanup_ctx.append(_lifecycle(event_log is None))
     app.on_shutdown.append(_close_connections)
     return app
+
+
+async def _install_task_dump(_app: web.Application) -> None:
+    """``kill -USR1 <pid>`` prints every asyncio task's stack: where a stuck server waits."""
+
+    def dump() -> None:
+        for task in asyncio.all_tasks():
+            print(f"--- task {task.get_name()}", file=sys.stderr)
+            task.print_stack(limit=12, file=sys.stderr)
+        sys.stderr.flush()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
 def _engine_factory(town: Town, gridset: Any, timing: Timing) -> Callable[[], Engine]:

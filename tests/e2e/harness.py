@@ -178,7 +178,7 @@ url = "{self.store}"
     def token(self, role: str, sub: str, scope: str | None = None) -> str:
         return token(role, sub, scope)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         env = dict(os.environ)
         env.pop("DISPATCH_AUTH_SECRET", None)
         env["DISPATCH_LOG_FORMAT"] = "json"
@@ -201,7 +201,20 @@ url = "{self.store}"
             except (OSError, urllib.error.URLError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError("server not ready in time: " + self.tail())
+        raise RuntimeError(f"server not ready in time: {self._diagnose()}\n{self.tail(12000)}")
+
+    def _diagnose(self) -> str:
+        """Where a server that will not get ready is stuck (readyz, or its stacks)."""
+        try:
+            status, _, body = self.get("/readyz")
+            return f"readyz {status} {body}"
+        except OSError:
+            pass
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGUSR1)  # the server prints its tasks' stacks
+            time.sleep(1.0)
+            return "not listening; task stacks in the log below"
+        return "not listening"
 
     def kill9(self) -> None:
         if self.proc and self.proc.poll() is None:
