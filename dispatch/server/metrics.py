@@ -168,12 +168,16 @@ class Metrics:
             self.offers.labels(outcome)
         if engines is not None:
             r.register(_StateCollector(engines, extra))
+        self._by_type: dict[type, Any] = {}
         self._offered_at: dict[str, float] = {}
         self._reported_at: dict[str, float] = {}
 
     def observe_event(self, event: Event) -> None:
         """Count one durable event (called by the town writer after each append)."""
-        self.events.labels(event.type_name()).inc()
+        counter = self._by_type.get(type(event))
+        if counter is None:
+            counter = self._by_type[type(event)] = self.events.labels(event.type_name())
+        counter.inc()
         match event:
             case IncidentReported():
                 self.incidents.labels(event.category, event.source).inc()
