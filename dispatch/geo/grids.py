@@ -186,7 +186,10 @@ def _check_geometry(p: _Parsed, i: int, gid: str | None, geometry: object) -> An
         return None
     try:
         geom = shape(geometry)
-    except Exception as e:  # shapely raises many types for malformed coordinates
+    except KeyError as e:
+        p.error(gid, f"the {gtype} has no {e}", i)
+        return None
+    except (ValueError, TypeError, IndexError, shapely.errors.GEOSException) as e:
         p.error(gid, f"malformed {gtype} coordinates: {e}", i)
         return None
     if geom.is_empty:

@@ -16,23 +16,29 @@ How it stays fast (pure Python, no numpy on the hot path):
   skill never forces a search through a crowd that cannot take the case. Only responders that are
   available *and* have a position are in the maps.
 * **Cells are lat/lon squares of 2**-level degrees.** Each map picks its own level from the spread
-  and number of its members (about one member per cell) and re-picks it, rebuilding itself, when
-  its size doubles or halves or after many members changed cells. Because cell edges are powers of
-  two, a responder's cell at a coarser level is its finest cell shifted right, and
-  ``lat * 2**level`` is exact, so every cell test is exact arithmetic.
+  and number of its members (about 0.4 other members in a member's cell, so finer where members
+  crowd) from a sample of its cells, and re-picks it when its size doubles or quarters or after
+  many members changed cells; only a changed level rebuilds the map (O(members)). Because cell
+  edges are powers of two, a responder's cell at a coarser level is its finest cell shifted
+  right, and ``lat * 2**level`` is exact, so every cell test is exact arithmetic.
 * **Rank by chord, report by haversine.** Candidates are compared by squared chord length between
   unit vectors (no trigonometry per candidate); the chord is a strictly increasing function of the
   great-circle distance, so it orders points the same way. Every candidate within the ``k``-th best
   chord plus a 6 µm margin is kept, and the final order and distances come from ``haversine_m``,
   so ties and near-ties are decided exactly as a brute-force haversine search decides them.
-* **Expanding rings with a true lower bound.** After rings ``0..r`` around the query cell are
-  scanned, every unscanned point is outside a latitude band or outside a longitude band. Its chord
-  is at least ``2·sin(Δφ/2)`` (meridian distance to the band) or ``cos(φq)·sin(Δλ)`` (distance to
-  the meridian plane through the band edge; ``Δλ`` is clamped to 90° and to the distance to the
-  antimeridian, so wrap-around is safe). The search stops once that bound exceeds the ``k``-th best,
-  once the rings cover every cell the map has ever used since its last rebuild, or — when the next
-  ring would cost more lookups than the map has cells — it scans the remaining cells directly.
-  So a query always terminates, and degrades to a scan of the pool, never worse.
+* **Expanding rings with a true lower bound** (the common case: a few cells around the query).
+  After rings ``0..r`` around the query cell are scanned, every unscanned point is outside a
+  latitude band or outside a longitude band. Its chord is at least ``2·sin(Δφ/2)`` (meridian
+  distance to the band) or ``cos(φq)·sin(Δλ)`` (distance to the meridian plane through the band
+  edge; ``Δλ`` is clamped to 90° and to the distance to the antimeridian, so wrap-around is
+  safe). The rings stop once that bound exceeds the ``k``-th best or they cover every cell the map
+  has used since its last rebuild.
+* **Best-first down an occupancy tree** (far queries: sparse or clustered members). Each map also
+  counts its non-empty cells in a sparse quadtree of 4 x 4 blocks, five levels up. When the rings
+  have gone a few steps and the rest would cost more lookups than it is worth, the search pops
+  tree cells in order of a lower bound (the chord from the query to the cell's 3-D bounding box)
+  until the next bound exceeds the ``k``-th best. A small map is instead scanned outright when
+  that is cheaper than the next ring. Every path ends, and none is worse than a scan of the pool.
 
 Moves are O(1): a move that stays in the responder's finest cell only updates its coordinates.
 """
@@ -42,9 +48,10 @@ from __future__ import annotations
 from bisect import insort
 from collections.abc import Container, Iterable, Iterator
 from heapq import heapify, heappop, heappush
-from math import asin, cos, floor, inf, log2, pi, radians, sin, sqrt
+from itertools import islice
+from math import asin, cos, floor, inf, log, log2, pi, radians, sin, sqrt
 
-from dispatch.geo.distance import EARTH_RADIUS_M, haversine_m
+from dispatch.geo.distance import haversine_m
 
 __all__ = ["CellIndex"]
 
@@ -58,10 +65,12 @@ DEFAULT_LEVEL = 10
 _DELTA = 1e-12
 """Chord margin (unit sphere; about 6.4 µm) covering float error between chord and haversine."""
 _EPS = 1e-14
-"""Slack taken off every ring lower bound for rounding."""
+"""Slack taken off every lower bound (ring or tree cell) for rounding."""
 _RING_CACHE = 48
 """Rings whose key offsets are cached per level; larger rings are generated on the fly."""
 _HALF_PI = pi / 2
+_SAMPLE = 1024
+"""Cells a map samples to re-pick its level."""
 _TREE_DEPTH = 5
 """Levels of the occupancy tree above a map's cells (each 4 x 4 of the one below)."""
 
@@ -123,7 +132,6 @@ class _Map:
         "cellrad",
         "cells",
         "changes",
-        "est",
         "half",
         "imax",
         "imin",
@@ -143,7 +151,6 @@ class _Map:
         self.n = 0
         self.n_built = 0
         self.changes = 0
-        self.est = level
         self.level = level
         self.shift = 0
         self.half = 0
@@ -286,8 +293,10 @@ def _cell_lb(qx: float, qy: float, qz: float, i: int, j: int, size: float) -> fl
     zb = sin(pb)
     ca = cos(pa)
     cb = cos(pb)
+    # cos(lat) peaks at the equator, which is always a cell edge (cell edges are multiples of
+    # powers of two), so its range over the cell is spanned by the edge values.
     fmin = ca if ca < cb else cb
-    fmax = 1.0 if pa < 0.0 < pb else (ca if ca > cb else cb)
+    fmax = ca if ca > cb else cb
     la = radians(j * size)
     lb = la + radians(size)
     c1 = cos(la)
@@ -316,9 +325,16 @@ def _cell_lb(qx: float, qy: float, qz: float, i: int, j: int, size: float) -> fl
     return sqrt(dx * dx + dy * dy + dz * dz) - _EPS
 
 
-def _rings_cost(thr: float, r: int, m: _Map, cq: float) -> float:
-    """About how many cell lookups the rings from ``r`` out to the threshold would take."""
-    rings = sqrt(thr) / (m.cellrad * max(cq, 1e-3)) + 1.0
+def _rings_cost(thr: float, r: int, m: _Map, cq: float, lon_room: float) -> float:
+    """About how many cell lookups the rings from ``r`` would take before their lower bound
+    passes the threshold — infinite when it never can (near a pole or the antimeridian, the
+    longitude part of the bound stays below the threshold however far the rings go)."""
+    c = sqrt(thr)
+    if cq * sin(lon_room) <= c:
+        return inf
+    rings = asin(c / cq) / m.cellrad + 1.0
+    if rings < r:
+        return inf  # the bound should have passed by now: never trust the rings further
     return 4.0 * (rings * rings - r * r)
 
 
@@ -351,25 +367,38 @@ def _bbox_level(dlat: float, dlon: float, n: int, target: float) -> int:
     return max(LEVEL_MIN, min(LEVEL_MAX, round(-log2(side))))
 
 
-def _choose_level(members: list[_Resp], target: float, occupancy_max: float) -> tuple[int, int]:
-    """``(level, bbox level)``: the level for ``members``, and the estimate from their bounding
-    box alone (refined when clustered members crowd a few cells)."""
-    n = len(members)
-    if n < 2:
-        return DEFAULT_LEVEL, DEFAULT_LEVEL
-    lats = [r.lat for r in members]
-    lons = [r.lon for r in members]
-    est = _bbox_level(max(lats) - min(lats), max(lons) - min(lons), n, target)
-    level = est
-    for _ in range(6):
-        if level >= LEVEL_MAX:
+def _choose_level(m: _Map, target: float) -> int:
+    """The level at which ``m``'s members would share a cell with about ``target`` others.
+
+    Looks at up to :data:`_SAMPLE` of the map's cells (O(1) in the pool size): the member-weighted
+    mean cell count ``w`` is ``1 + λ`` for locally Poisson members with ``λ`` per cell, and each
+    level down divides ``λ`` by 4, so crowds (clusters) get finer cells where the members are.
+    When every sampled member is alone, the bounding box of the sample sets a coarser level.
+    Rounding in log-4 makes a level stick until ``λ`` is off by a factor of 2.
+    """
+    cells = m.cells
+    if m.n < 2 or not cells:
+        return m.level
+    step = max(1, len(cells) // _SAMPLE)
+    total = squares = 0
+    lat0 = lon0 = inf
+    lat1 = lon1 = -inf
+    for b in islice(cells.values(), 0, None, step):
+        c = len(b)
+        total += c
+        squares += c * c
+        for r in b.values():
+            lat0 = min(lat0, r.lat)
+            lat1 = max(lat1, r.lat)
+            lon0 = min(lon0, r.lon)
+            lon1 = max(lon1, r.lon)
             break
-        s = 2.0**level
-        used = len({(floor(r.lat * s), floor(r.lon * s)) for r in members})
-        if n <= occupancy_max * used:
-            break
-        level += 1
-    return level, est
+    lam = squares / total - 1.0
+    if lam * 8.0 < target:
+        level = min(m.level - 1, _bbox_level(lat1 - lat0, lon1 - lon0, m.n, target))
+    else:
+        level = m.level + round(log(lam / target, 4))
+    return max(LEVEL_MIN, min(LEVEL_MAX, level))
 
 
 class CellIndex:
@@ -377,7 +406,6 @@ class CellIndex:
 
     Tuning (the defaults are measured best; the rest exist so tests can force every path):
     ``target_per_cell`` — members a map aims to hold per cell (about 0.4 is best for ``k = 1``);
-    ``occupancy_max`` — refine a map's cells while its non-empty cells hold more on average;
     ``fixed_level`` — pin every map to one level, never rebuild; ``ring_limit`` — rings walked
     before the tree search may take over; ``tree_budget`` — cell lookups the remaining rings may
     cost before it does; ``scan_fallback`` — scan a small map outright when that is cheaper.
@@ -388,7 +416,6 @@ class CellIndex:
         self,
         *,
         target_per_cell: float = 0.4,
-        occupancy_max: float = 3.0,
         fixed_level: int | None = None,
         ring_limit: int = 3,
         tree_budget: float = 300.0,
@@ -397,7 +424,6 @@ class CellIndex:
         if fixed_level is not None and not LEVEL_MIN <= fixed_level <= LEVEL_MAX:
             raise ValueError(f"fixed_level must be in {LEVEL_MIN}..{LEVEL_MAX}")
         self._target = target_per_cell
-        self._occupancy_max = occupancy_max
         self._fixed = fixed_level
         self._ring_limit = ring_limit
         self._tree_budget = tree_budget
@@ -494,7 +520,7 @@ class CellIndex:
                     due = [m] if due is None else [*due, m]
         if due is not None:
             for m in due:
-                self._maintain(m, changes_due=True)
+                self._maintain(m)
 
     def position(self, rid: str) -> tuple[float, float, float] | None:
         """``(lon, lat, ts)`` of the last position, or ``None``."""
@@ -621,47 +647,23 @@ class CellIndex:
             if m.n_built > 64 and 4 * m.n < m.n_built:
                 self._maintain(m)
 
-    def _maintain(self, m: _Map, *, changes_due: bool = False) -> None:
-        """Re-pick ``m``'s level for its current members; rebuild it if the level changed.
-
-        With ``changes_due`` (members moved a lot) it first looks at O(1) signals — the level
-        its cell bounding box suggests, and crowding — and does the O(n) work only if they moved.
-        """
+    def _maintain(self, m: _Map) -> None:
+        """Re-pick ``m``'s level (cheap, sampled); rebuild the map if it changed (O(members))."""
         m.changes = 0
-        if self._fixed is not None:
-            m.n_built = m.n
-            return
-        if changes_due and m.n >= 2:
-            span = 1.0 / m.scale
-            est = _bbox_level(
-                (m.imax - m.imin + 1) * span, (m.jmax - m.jmin + 1) * span, m.n, self._target
-            )
-            if est == m.est and m.n <= self._occupancy_max * len(m.cells):
-                return
         m.n_built = m.n
+        if self._fixed is not None:
+            return
+        level = _choose_level(m, self._target)
+        if level == m.level:
+            return
+        self.rebuilds += 1
         members = m.members()
-        level, m.est = _choose_level(members, self._target, self._occupancy_max)
-        if level != m.level:
-            self.rebuilds += 1
-            m.set_level(level)
-            for r in members:
-                self._place(r)
-                key = m.key_of(r)
-                r.keys[r.maps.index(m)] = key
-                m.add(r, key)
-        elif changes_due:
-            # Same level: shrink the bounding box, which only grows while members wander.
-            m.reset_bbox()
-            for key in m.cells:
-                i = (key + m.half) >> m.shift
-                j = key - (i << m.shift)
-                m.imin = min(m.imin, i)
-                m.imax = max(m.imax, i)
-                m.jmin = min(m.jmin, j)
-                m.jmax = max(m.jmax, j)
-            m.est = _bbox_level(
-                (m.imax - m.imin + 1) / m.scale, (m.jmax - m.jmin + 1) / m.scale, m.n, self._target
-            )
+        m.set_level(level)
+        for r in members:
+            self._place(r)
+            key = m.key_of(r)
+            r.keys[r.maps.index(m)] = key
+            m.add(r, key)
 
     def _search(
         self,
@@ -722,7 +724,7 @@ class CellIndex:
             elif (
                 r > self._ring_limit
                 and m.tree
-                and (thr == inf or _rings_cost(thr, r, m, cq) > self._tree_budget)
+                and (thr == inf or _rings_cost(thr, r, m, cq, lon_room) > self._tree_budget)
             ):
                 # Far from anything (sparse or clustered members), the rings still to walk would
                 # cost more lookups than a best-first search down the tree.
@@ -765,8 +767,3 @@ class CellIndex:
                     break
             r += 1
         return thr
-
-
-def chord_to_m(chord: float) -> float:
-    """Great-circle metres of a unit-sphere chord length (for diagnostics)."""
-    return 2.0 * EARTH_RADIUS_M * asin(min(1.0, chord * 0.5))

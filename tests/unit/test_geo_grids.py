@@ -363,3 +363,22 @@ def test_gridset_repr_and_len(tmp_path: Path) -> None:
     gs = load_grids(write(tmp_path, town()))
     assert len(gs) == 7 and "1 town(s)" in repr(gs)
     assert isinstance(gs, GridSet)
+
+
+@pytest.mark.parametrize(
+    "geometry, what",
+    [
+        ({"type": "Polygon"}, "has no 'coordinates'"),
+        ({"type": "Polygon", "coordinates": 5}, "malformed Polygon coordinates"),
+        ({"type": "Polygon", "coordinates": [[[1, 2], [3, 4]]]}, "malformed Polygon coordinates"),
+        ({"type": "MultiPolygon", "coordinates": [[1]]}, "malformed MultiPolygon coordinates"),
+        ({"type": "Polygon", "coordinates": []}, "is empty"),
+        (None, "geometry is missing"),
+    ],
+)
+def test_malformed_geometries_are_named(tmp_path: Path, geometry: Any, what: str) -> None:
+    fc = town()
+    by_id(fc, "B21")["geometry"] = geometry
+    with pytest.raises(ConfigError, match=r"features\[5\] \(id 'B21'\): ") as err:
+        load_grids(write(tmp_path, fc))
+    assert what in str(err.value)

@@ -8,13 +8,13 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from dispatch.engine.model import ResponderIndex
 from dispatch.geo.distance import EARTH_RADIUS_M, haversine_m
-from dispatch.geo.index import CellIndex
+from dispatch.geo.index import CellIndex, _cell_lb
 
 LON0, LAT0 = 113.19, 22.61
 
@@ -308,12 +308,10 @@ class IndexMachine(RuleBasedStateMachine):
             CellIndex(fixed_level=16),  # tiny cells: long ring walks, scan fallback
             CellIndex(fixed_level=-3),  # 8-degree cells: everything in one bucket
             CellIndex(fixed_level=11),  # cell edges on the lattice
-            CellIndex(target_per_cell=0.01, occupancy_max=1.0),  # rebuilds often
+            CellIndex(target_per_cell=0.01),  # fine cells, rebuilds often
             # the best-first tree search after 0 or 1 rings, never a scan
             CellIndex(fixed_level=14, ring_limit=0, tree_budget=0.0, scan_fallback=False),
             CellIndex(ring_limit=1, tree_budget=0.0, scan_fallback=False),
-            # rings only: walks out to the bounding box
-            CellIndex(fixed_level=12, ring_limit=1 << 30, scan_fallback=False),
         ]
 
     @initialize()
@@ -418,3 +416,75 @@ def test_antimeridian_and_pole_neighbours(level: int | None) -> None:
     got = idx.nearest("p", 10.0, 89.99995, skill="x", fresh_since=0.0)
     assert [r for r, _ in got] == ["over"]
     assert got[0][1] == pytest.approx(11.1, abs=0.1)
+
+
+def _unit(lon: float, lat: float) -> tuple[float, float, float]:
+    p, q = math.radians(lat), math.radians(lon)
+    return (math.cos(p) * math.cos(q), math.cos(p) * math.sin(q), math.sin(p))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    level=st.sampled_from([-4, -3, -2, 0, 3, 8, 12, 16]),
+    cell=st.tuples(st.integers(-(1 << 20), 1 << 20), st.integers(-(1 << 20), 1 << 20)),
+    special=st.booleans(),
+    q=st.tuples(st.floats(-180, 180), st.floats(-90, 90)),
+    near=st.booleans(),
+)
+def test_cell_lower_bound_never_exceeds_a_chord(
+    level: int, cell: tuple[int, int], special: bool, q: tuple[float, float], near: bool
+) -> None:
+    """The tree search prunes cells by _cell_lb: it must not exceed the chord from the query to
+    any point of the cell, including cells spanning 90 or 180 degrees of longitude."""
+    size = 2.0**-level
+    span_i, span_j = int(90 / size) + 1, int(180 / size) + 1
+    i, j = cell[0] % (2 * span_i) - span_i, cell[1] % (2 * span_j) - span_j
+    if special:  # the cell holding one of the longitudes where sin or cos peaks
+        j = math.floor(rng_pick(cell[1], [90.0, -90.0, 180.0, -180.0, 0.0]) / size)
+    lat0, lon0 = i * size, j * size
+    qlon, qlat = q
+    if near:  # a query close to the cell, where the bound is tight
+        qlon = max(-180.0, min(180.0, lon0 + (q[0] / 180.0) * 2 * size))
+        qlat = max(-90.0, min(90.0, lat0 + (q[1] / 90.0) * 2 * size))
+    qx, qy, qz = _unit(qlon, qlat)
+    lb = _cell_lb(qx, qy, qz, i, j, size)
+    lats = [min(90.0, max(-90.0, lat0 + size * f)) for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    lons = [lon0 + size * f for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    lons += [x for x in (90.0, -90.0, 180.0, -180.0, 0.0) if lon0 <= x <= lon0 + size]
+    for lat in lats:
+        for lon in lons:
+            x, y, z = _unit(lon, lat)
+            chord = math.sqrt((x - qx) ** 2 + (y - qy) ** 2 + (z - qz) ** 2)
+            assert lb <= chord + 1e-12, (lb, chord, lon, lat)
+
+
+def rng_pick(seed: int, options: list[float]) -> float:
+    return options[seed % len(options)]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"fixed_level": 14, "ring_limit": 0, "tree_budget": 0.0, "scan_fallback": False},
+        {"fixed_level": 14, "ring_limit": 1, "tree_budget": 0.0, "scan_fallback": False},
+    ],
+    ids=["default", "tree-only", "rings-then-tree"],
+)
+def test_queries_at_a_pole_terminate(kw: dict[str, object]) -> None:
+    """At a pole the ring bound's longitude part is zero: the search must leave the rings."""
+    rng = random.Random(11)
+    idx = CellIndex(**kw)  # type: ignore[arg-type]
+    model = Model()
+    spots = [(rng.uniform(-180, 180), rng.uniform(-80, 80)) for _ in range(200)]
+    spots += [(0.0, 90.0), (45.0, 89.99), (10.0, -90.0), (179.99, -89.999)]
+    for n, (lon, lat) in enumerate(spots):
+        rid = f"p{n:03d}"
+        idx.register(rid, ["all"], frozenset({"*"}))
+        idx.set_available(rid, True)
+        idx.move(rid, lon, lat, 1.0)
+        model.rs[rid] = Ref(frozenset({"all"}), frozenset({"*"}), True, (lon, lat, 1.0))
+    for lon, lat in [(0.0, 90.0), (-120.0, 90.0), (0.0, -90.0), (90.0, -89.9999), (180.0, 0.0)]:
+        for k in (1, 3):
+            want = model.nearest("all", lon, lat, "x", 0.0, frozenset(), k)
+            assert idx.nearest("all", lon, lat, skill="x", fresh_since=0.0, k=k) == want
