@@ -33,6 +33,7 @@ class Context:
     connections: set[web.WebSocketResponse] = field(default_factory=set)
     stopping: bool = False
     grids_json: bytes = b""
+    rest_buckets: dict[str, Any] = field(default_factory=dict)
     node: Any = None
     """The ``ClusterNode`` in distributed mode (``[store] url = "redis://…"``), else ``None``."""
 
