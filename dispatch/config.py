@@ -165,7 +165,7 @@ class ServerSettings:
     burst: int = _key(100, "int", lo=1)
     flood_close_after: float = _dur("10s")
     allowed_origins: tuple[str, ...] = _key((), "strs", check=_origin_ok)
-    queue_limit: int = _key(1000, "int", lo=1)
+    queue_limit: int = _key(4096, "int", lo=1)
     position_flush: float = _dur("250ms")
     hello_timeout: float = _dur("10s")
     heartbeat: float = _dur("20s", zero_ok=True)  # 0 turns websocket pings off

@@ -424,6 +424,63 @@ def load_grids(path: str | os.PathLike[str]) -> GridSet:
 # -- the loaded grids --------------------------------------------------------------------------
 
 
+class _Raster:
+    """A lookup table over the level-3 grids' bounding box, so that locating a point costs a
+    cell lookup (and, near boundaries, a point-in-polygon test per candidate) instead of an
+    STRtree query with its array round trips: it is on the path of every report.
+
+    Each cell holds either the index of the one grid that contains it entirely (no test
+    needed), or the sorted indices of the grids that touch it (tested in id order, so a point on
+    a shared boundary goes to the smallest id, as the STRtree answer did).
+    """
+
+    __slots__ = ("cells", "nx", "ny", "x0", "xs", "y0", "ys")
+
+    def __init__(self, x0: float, y0: float, xs: float, ys: float, nx: int, ny: int,
+                 cells: list[int | tuple[int, ...]]) -> None:
+        self.x0, self.y0, self.xs, self.ys, self.nx, self.ny = x0, y0, xs, ys, nx, ny
+        self.cells = cells
+
+    @classmethod
+    def build(cls, geoms: Sequence[Any], tree: STRtree, n: int = 128) -> _Raster:
+        x0, y0, x1, y1 = shapely.total_bounds(np.asarray(geoms, dtype=object)).tolist()
+        xs = max((x1 - x0) / n, 1e-9)
+        ys = max((y1 - y0) / n, 1e-9)
+        ix, iy = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        boxes = shapely.box(x0 + ix.ravel() * xs, y0 + iy.ravel() * ys,
+                            x0 + (ix.ravel() + 1) * xs, y0 + (iy.ravel() + 1) * ys)
+        src, hit = tree.query(boxes, predicate="intersects")
+        touching: list[list[int]] = [[] for _ in range(n * n)]
+        for b, g in zip(src.tolist(), hit.tolist(), strict=True):
+            touching[b].append(g)
+        cells: list[int | tuple[int, ...]] = []
+        garr = np.asarray(geoms, dtype=object)
+        for b, found in enumerate(touching):
+            found.sort()
+            if len(found) == 1 and shapely.contains_properly(garr[found[0]], boxes[b]):
+                cells.append(found[0])
+            else:
+                cells.append(tuple(found))
+        return cls(x0, y0, xs, ys, n, n, cells)
+
+    def find(self, lon: float, lat: float, geoms: Sequence[Any]) -> int | None:
+        i = int((lon - self.x0) / self.xs)
+        j = int((lat - self.y0) / self.ys)
+        if i == self.nx:
+            i -= 1  # the far edge of the box belongs to the last cell
+        if j == self.ny:
+            j -= 1
+        if not (0 <= i < self.nx and 0 <= j < self.ny):
+            return None
+        cell = self.cells[i * self.ny + j]
+        if isinstance(cell, int):
+            return cell
+        for g in cell:
+            if shapely.intersects_xy(geoms[g], lon, lat):
+                return g
+        return None
+
+
 class GridSet:
     """Checked grids of one or more towns, and the point locator over them.
 
@@ -464,7 +521,9 @@ class GridSet:
         self._l3_located: list[Located] = [self._located(g) for g in self._l3]
         geoms3 = [self.geoms[g] for g in self._l3]
         shapely.prepare(geoms3)
+        self._geoms3 = geoms3
         self._tree = STRtree(geoms3)
+        self._raster = _Raster.build(geoms3, self._tree) if geoms3 else None
 
     def _located(self, g3: str) -> Located:
         g2 = self.grids[g3].parent
@@ -481,12 +540,10 @@ class GridSet:
         A point on a boundary shared by several level-3 grids goes to the smallest id. A point in
         no level-3 grid gives ``None`` (even inside a level-2 grid with a coverage gap).
         """
-        if not (math.isfinite(lon) and math.isfinite(lat)):
+        if not (math.isfinite(lon) and math.isfinite(lat)) or self._raster is None:
             return None
-        hits = self._tree.query(shapely.Point(lon, lat), predicate="intersects")
-        if len(hits) == 0:
-            return None
-        return self._l3_located[int(hits.min())]
+        hit = self._raster.find(lon, lat, self._geoms3)
+        return None if hit is None else self._l3_located[hit]
 
     def locate_many(
         self,

@@ -247,7 +247,7 @@ async def _command(ctx: Context, outbox: Outbox, runner: Any, rid: str, msg: Any
     mid = msg.id
     try:
         command = _field_command(rid, msg)
-        if isinstance(command, c.Report):
+        if isinstance(command, c.Report) and len(ctx.runners) > 1:
             runner = ctx.runner_for_point(command.lon, command.lat) or runner
         outcome: Outcome = await runner.submit(command)
     except Rejected as rej:

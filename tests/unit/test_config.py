@@ -107,7 +107,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     s = load_settings(None, {})
     assert s.source is None and s.base_dir == tmp_path
     assert (s.server.host, s.server.port, s.server.max_message_bytes) == ("127.0.0.1", 8080, 65536)
-    assert (s.server.rate, s.server.burst, s.server.queue_limit) == (20.0, 100, 1000)
+    assert (s.server.rate, s.server.burst, s.server.queue_limit) == (20.0, 100, 4096)
     assert s.server.flood_close_after == 10 and s.server.position_flush == 0.25
     assert (s.server.hello_timeout, s.server.heartbeat, s.server.stats_interval) == (10, 20, 5)
     assert s.server.allowed_origins == ()
