@@ -3,6 +3,7 @@ with shapely's 'intersects' — boundary points included, shared boundaries to t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import shapely
@@ -28,7 +29,7 @@ def test_any_point_is_located_as_the_strtree_does(lon: float, lat: float) -> Non
 
 
 def test_vertices_and_midpoints_of_every_boundary() -> None:
-    for (x0, y0), (x1, y1) in zip(VERTICES, VERTICES[1:], strict=False):
+    for (x0, y0), (x1, y1) in itertools.pairwise(VERTICES):
         for lon, lat in ((x0, y0), ((x0 + x1) / 2, (y0 + y1) / 2)):
             assert GRIDS.locate(lon, lat) == reference(lon, lat)
 
