@@ -701,7 +701,8 @@ def notices_for(state: TownState, event: Event) -> list[Notice]:
             if holder is not None:
                 out.append(Notice(holder, "offer_revoked", inc.id, "closed"))
             for rid in (inc.resolved_by, inc.reporter):
-                if rid is not None and rid != holder and rid in state.responders:
+                # whoever closed it (a report handled on the spot, a verification) has its ack
+                if rid is not None and rid not in (holder, event.by) and rid in state.responders:
                     out.append(Notice(rid, "incident", inc.id))
         case IncidentEscalated():
             if holder is not None:
