@@ -135,5 +135,10 @@ class TownFollower:
         outcome = Outcome(incident=answer.get("incident"))
         return after(self.engine, outcome) if after is not None else outcome
 
+    def enqueue(
+        self, command: Command, after: Callable[[Engine, Outcome], Any] | None = None
+    ) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.submit(command, after))
+
     async def query(self, fn: Callable[[Engine], Any]) -> Any:
         return fn(self.engine)

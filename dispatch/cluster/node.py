@@ -94,6 +94,11 @@ class TownSlot:
                 self.presence.pop(command.responder, None)
         return await role.submit(command, after)
 
+    def enqueue(
+        self, command: c.Command, after: Callable[[Engine, Outcome], Any] | None = None
+    ) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.submit(command, after))
+
     async def query(self, fn: Callable[[Engine], Any]) -> Any:
         if self.role is None:
             raise Rejected("unavailable", "The town is starting; retry shortly.")

@@ -550,7 +550,7 @@ class Engine:
     def _dispatch(self, inc: Incident, now: float) -> None:
         """Rules 3–5: offer to the nearest eligible responder of the pool, else escalate (or wait,
         at level 1 and for departments, for an operator)."""
-        exclude = inc.tried | inc.refused if inc.refused else inc.tried
+        exclude = inc.tried + inc.refused if inc.refused else inc.tried
         found = self.state.index.nearest(
             self._pool(inc),
             inc.lon,

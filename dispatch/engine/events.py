@@ -8,6 +8,10 @@ Every event is a frozen, slotted ``msgspec.Struct`` tagged by ``type`` (the name
 ``incident`` and ``responder`` fields carry ids. ``incident.reported`` carries everything needed
 to build the incident, so a screen's view is the same fold over the same events as the engine's.
 
+Events are not tracked by the cycle collector (``gc=False``): they never form reference
+cycles, and a town keeps millions of them (timelines, the resume ring), which would otherwise
+make every full collection scan them all.
+
 Adding an event type: add the struct, add it to :data:`Event`, handle it in
 ``dispatch.engine.state.apply`` (mypy's exhaustive-match flags the place).
 """
@@ -22,7 +26,7 @@ EscalationReason = Literal["no_responder", "declined", "sla", "requested", "oper
 RevokeReason = Literal["timeout", "escalated", "closed", "operator", "offline", "declined"]
 
 
-class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, gc=False):
     seq: int
     at: float
 

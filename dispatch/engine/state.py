@@ -88,7 +88,7 @@ class Incident:
     description: str = ""
     reporter: str | None = None
     handled: bool = False
-    photos: list[str] = field(default_factory=list)
+    photos: tuple[str, ...] = ()
     status: str = "new"
     responder: str | None = None
     department: str | None = None
@@ -103,10 +103,13 @@ class Incident:
     closed_at: float | None = None
     resolved_by: str | None = None
     closed_level: int | None = None
-    escalations: list[Escalation] = field(default_factory=list)
-    tried: set[str] = field(default_factory=set)
-    """Responders who declined or let the offer lapse at this level (reset on level change)."""
-    refused: set[str] = field(default_factory=set)
+    escalations: tuple[Escalation, ...] = ()
+    tried: tuple[str, ...] = ()
+    """Responders who declined or let the offer lapse at this level (reset on level change).
+
+    Tuples, not sets: they hold a handful of ids, and tuples of strings are not tracked by the
+    cycle collector."""
+    refused: tuple[str, ...] = ()
     """Responders who asked to escalate it: never offered it again, at any level."""
 
     @property
@@ -152,6 +155,7 @@ class TownState:
     responders: dict[str, Responder] = field(default_factory=dict)
     open_ids: set[str] = field(default_factory=set)
     timers: list[tuple[float, str, str]] = field(default_factory=list)
+    _grids: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def new(cls, town: Town, index: ResponderIndex) -> TownState:
@@ -164,6 +168,15 @@ class TownState:
             index.register(rid, pools, info.skills)
             index.set_available(rid, False)
         return state
+
+    def shared_grids(self, grids: dict[str, str]) -> dict[str, str]:
+        """One ``grids`` dict per basic grid, shared by its incidents (never mutated): a town
+        keeps every incident in memory, and fewer objects make the cycle collector cheaper."""
+        key = grids.get("3", "")
+        shared = self._grids.get(key)
+        if shared is None or shared != grids:
+            shared = self._grids[key] = dict(grids)
+        return shared
 
     def push_timer(self, due: float, kind: TimerKind, key: str) -> None:
         heapq.heappush(self.timers, (due, kind, key))
@@ -247,7 +260,7 @@ def apply(state: TownState, event: Event) -> None:
                 priority=event.priority,
                 lon=event.lon,
                 lat=event.lat,
-                grids=dict(event.grids),
+                grids=state.shared_grids(event.grids),
                 level=event.level,
                 source=event.source,
                 reported_at=event.at,
@@ -255,7 +268,7 @@ def apply(state: TownState, event: Event) -> None:
                 description=event.description,
                 reporter=event.reporter,
                 handled=event.handled,
-                photos=list(event.photos),
+                photos=tuple(event.photos),
             )
             state.incidents[new_inc.id] = new_inc
             state.refs[ref_key(event.reporter, event.ref)] = new_inc.id
@@ -273,7 +286,7 @@ def apply(state: TownState, event: Event) -> None:
         case IncidentOfferExpired() | IncidentDeclined():
             assert inc is not None
             status = _move(inc, event.type_name())
-            inc.tried.add(event.responder)
+            inc.tried = (*inc.tried, event.responder)
             _release(state, inc)
             inc.status = status
         case IncidentAssigned():
@@ -320,13 +333,14 @@ def apply(state: TownState, event: Event) -> None:
             _release(state, inc)
             inc.status = status
             inc.level = event.to_level
-            inc.tried.clear()
+            inc.tried = ()
             if event.reason == "requested" and event.responder:
-                inc.refused.add(event.responder)
+                inc.refused = (*inc.refused, event.responder)
             if event.reason == "sla":
                 inc.on_time = False
-            inc.escalations.append(
-                Escalation(event.from_level, event.to_level, event.reason, event.at)
+            inc.escalations = (
+                *inc.escalations,
+                Escalation(event.from_level, event.to_level, event.reason, event.at),
             )
             _set_deadline(state, inc, event.deadline)
         case IncidentTransferred():
@@ -335,7 +349,7 @@ def apply(state: TownState, event: Event) -> None:
             _release(state, inc)
             inc.status = status
             inc.department = event.department
-            inc.tried.clear()
+            inc.tried = ()
         case IncidentReopened():
             assert inc is not None
             status = _move(inc, "incident.reopened")
@@ -346,7 +360,7 @@ def apply(state: TownState, event: Event) -> None:
             inc.resolved_at = None
             inc.closed_level = None
             inc.overdue = False
-            inc.tried.clear()
+            inc.tried = ()
             state.open_ids.add(inc.id)
             _set_deadline(state, inc, event.deadline)
         case IncidentOverdue():

@@ -159,7 +159,6 @@ async def _loop(
         engine: Engine = runner.engine  # the engine object changes on rebuild and failover
         return engine
 
-    pending: set[asyncio.Task[None]] = set()  # commands in flight on this connection
     async for msg in ws:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             break
@@ -204,9 +203,7 @@ async def _loop(
         if isinstance(message, m.Hello):
             outbox.send(error_message("bad_message", "Already said hello on this connection."))
             continue
-        task = asyncio.create_task(_command(ctx, outbox, runner, rid, message))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+        _command(ctx, outbox, runner, rid, message)
 
 
 def _field_command(rid: str, msg: Any) -> c.Command:
@@ -243,25 +240,44 @@ def _field_command(rid: str, msg: Any) -> c.Command:
     raise Rejected("unknown_type", f"{type(msg).__name__} is not a field command.")
 
 
-async def _command(ctx: Context, outbox: Outbox, runner: Any, rid: str, msg: Any) -> None:
+def _command(ctx: Context, outbox: Outbox, runner: Any, rid: str, msg: Any) -> None:
+    """Queue one command to the town's writer; its ack or error is sent when it is durable.
+
+    No task per message: a done-callback answers (the hot path, one per client message)."""
     mid = msg.id
     try:
         command = _field_command(rid, msg)
         if isinstance(command, c.Report) and len(ctx.runners) > 1:
             runner = ctx.runner_for_point(command.lon, command.lat) or runner
-        outcome: Outcome = await runner.submit(command)
+        future = runner.enqueue(command)
     except Rejected as rej:
         ctx.metrics.errors.labels(rej.code).inc()
         outbox.send(error_message(rej.code, rej.message, mid))
         return
-    except Exception:
-        log.exception("field command failed", responder=rid, type=type(msg).__name__)
-        outbox.send(error_message("internal", "Internal error; retry.", mid))
-        return
-    ack: dict[str, Any] = {"type": "ack", "id": mid}
-    if outcome.incident is not None:
-        ack["incident"] = outcome.incident
-    outbox.send(dumps(ack))
+
+    def answer(fut: asyncio.Future[Outcome]) -> None:
+        if fut.cancelled():
+            outbox.send(error_message("unavailable", "The server is stopping; retry.", mid))
+            return
+        err = fut.exception()
+        if isinstance(err, Rejected):
+            ctx.metrics.errors.labels(err.code).inc()
+            outbox.send(error_message(err.code, err.message, mid))
+        elif err is not None:
+            log.error(
+                "field command failed", responder=rid, type=type(msg).__name__, error=repr(err)
+            )
+            outbox.send(error_message("internal", "Internal error; retry.", mid))
+        else:
+            incident = fut.result().incident
+            ack = (
+                {"type": "ack", "id": mid, "incident": incident}
+                if incident is not None
+                else {"type": "ack", "id": mid}
+            )
+            outbox.send(dumps(ack))
+
+    future.add_done_callback(answer)
 
 
 __all__ = ["field_ws", "notice_frame"]
