@@ -112,7 +112,9 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
             verify_ = engine.town.categories[held.category].verify
             obj = incident_obj(held, verify=verify_)
             if held.status == "offered":
-                offers.append({**obj, "expires_at": iso(held.offer_expires_at)})
+                # An offer reads both as the incident itself and as an `offer` message.
+                expires = iso(held.offer_expires_at)
+                offers.append({**obj, "expires_at": expires, "incident": obj})
             else:
                 assignments.append(obj)
         outbox.send(

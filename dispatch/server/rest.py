@@ -180,7 +180,9 @@ async def list_incidents(request: web.Request) -> web.Response:
             found.append((inc.reported_at, inc.id, inc, cats[inc.category].verify))
     found.sort(key=lambda t: (t[0], t[1]), reverse=True)
     items = [incident_obj(inc, verify=v) for _, _, inc, v in found[:limit]]
-    return json_response({"items": items, "count": len(items), "total": len(found)})
+    response = json_response(items)
+    response.headers["X-Total-Count"] = str(len(found))
+    return response
 
 
 async def get_incident(request: web.Request) -> web.Response:
@@ -273,7 +275,7 @@ async def list_responders(request: web.Request) -> web.Response:
                 and engine.town.in_subtree(r.info.home_grid, principal.scope)
             ):
                 out.append(responder_obj(r, engine.state.index.position(rid)))
-    return json_response({"items": out, "count": len(out)})
+    return json_response(out)
 
 
 async def stats(request: web.Request) -> web.Response:

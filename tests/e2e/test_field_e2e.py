@@ -183,7 +183,7 @@ async def test_report_is_idempotent_per_reporter(server: ServerProcess) -> None:
     b = await report(w3, id=ref)
     assert a == b
     st, _, doc = server.get("/api/incidents?limit=50", token("admin", "a"))
-    assert [i["id"] for i in doc["items"]].count(a) == 1
+    assert [i["id"] for i in doc].count(a) == 1
 
 
 async def test_offer_timeout_passes_on_and_offline_passes_on_at_once(server: ServerProcess) -> None:
@@ -355,11 +355,11 @@ async def test_rest_auth_intake_and_filters(server: ServerProcess) -> None:
     assert st == 400 and doc["code"] == "bad_json"
     v1 = token("operator", "v1clerk", scope="V1")
     st, _, doc = server.get("/api/incidents?grid=V2B", v1)
-    assert st == 200 and doc["items"] == []
+    assert st == 200 and doc == []
     st, _, doc = server.get("/api/incidents?grid=V2B&level=1", op)
-    assert st == 200 and all(i["level"] == 1 for i in doc["items"])
+    assert st == 200 and all(i["level"] == 1 for i in doc)
     st, _, doc = server.get("/api/responders", v1)
-    assert {r["id"] for r in doc["items"]} == {"w1", "w2", "w3", "w5"}
+    assert {r["id"] for r in doc} == {"w1", "w2", "w3", "w5"}
     st, _, doc = server.get("/api/stats?scope=V1", v1)
     assert st == 200 and doc["scope"] == "V1"
     st, _, doc = server.get("/api/stats?scope=T0", v1)
@@ -430,3 +430,16 @@ async def test_safety_history_endpoint(server: ServerProcess) -> None:
     assert st == 403 and doc["code"] == "forbidden"
     st, _, doc = server.get("/api/safety/NOPE", v1)
     assert st == 404
+
+
+async def test_welcome_lists_an_open_offer_after_reconnect(server: ServerProcess) -> None:
+    w1 = await field(server, "w1", (113.005, 22.605))
+    inc = await report(w1, category="sanitation")
+    await w1.wait_for(offer_for(inc))
+    await w1.close()
+    again = await field(server, "w1")
+    welcome = next(m for m in again.seen if m["type"] == "welcome")
+    (offer,) = welcome["offers"]
+    assert offer["id"] == inc and offer["incident"]["id"] == inc
+    assert offer["expires_at"].endswith("Z") and welcome["assignments"] == []
+    assert (await again.request({"type": "accept", "incident": inc}))["type"] == "ack"
