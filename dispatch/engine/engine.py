@@ -664,11 +664,14 @@ class Engine:
                 out.events.append(status_event)
 
 
+_NO_NOTICES = (ResponderStatus, ResponderPresence, IncidentReported)
+
+
 def notices_for(state: TownState, event: Event) -> list[Notice]:
     """Which devices must hear about an event, judged from the state *before* it applies.
 
     Pure and shared with followers (cluster mode), which fold the same events."""
-    if isinstance(event, ResponderStatus | ResponderPresence | IncidentReported):
+    if isinstance(event, _NO_NOTICES):
         return []
     inc = state.incidents.get(event.incident)
     if inc is None:

@@ -238,13 +238,16 @@ def _set_deadline(state: TownState, inc: Incident, deadline: float | None) -> No
         state.push_timer(deadline, "deadline", inc.id)
 
 
+_NOT_ABOUT_AN_INCIDENT = (IncidentReported, ResponderStatus, ResponderPresence)
+
+
 def apply(state: TownState, event: Event) -> None:
     """Fold one event into the state. Raises :class:`IllegalTransition` (state unchanged) when the
     event does not follow from the state — which means a bug or a corrupt log."""
     if event.seq != state.seq + 1:
         raise IllegalTransition(f"event seq {event.seq} does not follow {state.seq}")
     inc: Incident | None = None
-    if not isinstance(event, IncidentReported | ResponderStatus | ResponderPresence):
+    if not isinstance(event, _NOT_ABOUT_AN_INCIDENT):
         inc = state.incidents.get(event.incident)
         if inc is None:
             raise IllegalTransition(f"{event.type_name()} for unknown incident {event.incident}")
