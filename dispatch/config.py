@@ -173,6 +173,7 @@ class ServerSettings:
     static_dir: Path | None = field(
         default_factory=_default_static_dir, metadata={_SPEC: _Spec("path", optional=True)}
     )
+    tiles: str = _key("", "str")  # optional local map tiles, e.g. "/tiles/{z}/{x}/{y}.png"
 
 
 @dataclass(frozen=True, slots=True)

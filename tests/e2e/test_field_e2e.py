@@ -426,6 +426,8 @@ async def test_safety_history_endpoint(server: ServerProcess) -> None:
     assert st == 200 and doc["grid"] == "V1A" and len(doc["days"]) == 7
     today = doc["days"][-1]
     assert today["fire"] == pytest.approx(1.0)  # 1 fire alert per 10,000 residents
+    # the README's worked example: s_fire = 100 × (1 − 1/3), S = 0.4·100 + 0.3·66.67 + 0.3·100
+    assert today["score"] == pytest.approx(90.0) and today["colour"] == "blue"
     st, _, doc = server.get("/api/safety/V2A", v1)
     assert st == 403 and doc["code"] == "forbidden"
     st, _, doc = server.get("/api/safety/NOPE", v1)
@@ -443,3 +445,18 @@ async def test_welcome_lists_an_open_offer_after_reconnect(server: ServerProcess
     assert offer["id"] == inc and offer["incident"]["id"] == inc
     assert offer["expires_at"].endswith("Z") and welcome["assignments"] == []
     assert (await again.request({"type": "accept", "incident": inc}))["type"] == "ack"
+
+
+def test_wall_screen_page_carries_the_configured_tile_source(tmp_path: Path) -> None:
+    import urllib.request
+
+    tiles = "http://10.1.2.3:8000/tiles/{z}/{x}/{y}.png"
+    srv = ServerProcess(tmp_path, extra=f'tiles = "{tiles}"')
+    srv.start()
+    try:
+        with urllib.request.urlopen(srv.http + "/", timeout=5) as r:
+            page = r.read().decode()
+        assert f'<meta name="dispatch-tiles" content="{tiles}">' in page
+        assert "img-src 'self' http://10.1.2.3:8000" in page
+    finally:
+        srv.stop()
