@@ -129,6 +129,16 @@ class ResponderIndex(Protocol):
         ...
 
 
+def ancestors_of(grids: Mapping[str, Grid], grid_id: str) -> list[str]:
+    """``grid_id`` and every grid above it, nearest first (a home grid's responder pools)."""
+    out: list[str] = []
+    g: str | None = grid_id
+    while g is not None:
+        out.append(g)
+        g = grids[g].parent
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Town:
     """Everything static the engine needs about one town."""
@@ -141,12 +151,7 @@ class Town:
 
     def ancestors(self, grid_id: str) -> list[str]:
         """``grid_id`` and every grid above it, nearest first."""
-        out: list[str] = []
-        g: str | None = grid_id
-        while g is not None:
-            out.append(g)
-            g = self.grids[g].parent
-        return out
+        return ancestors_of(self.grids, grid_id)
 
     def in_subtree(self, grid_id: str, root: str) -> bool:
         return root in self.ancestors(grid_id)

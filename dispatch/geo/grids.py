@@ -40,7 +40,15 @@ import shapely
 from shapely import STRtree
 from shapely.geometry import shape
 
-from dispatch.engine.model import Category, Grid, Level, Located, ResponderInfo, Town
+from dispatch.engine.model import (
+    Category,
+    Grid,
+    Level,
+    Located,
+    ResponderInfo,
+    Town,
+    ancestors_of,
+)
 from dispatch.errors import ConfigError
 
 __all__ = [
@@ -577,12 +585,7 @@ class GridSet:
 
     def ancestors(self, grid_id: str) -> list[str]:
         """``grid_id`` and every grid above it, nearest first (a home grid's responder pools)."""
-        out: list[str] = []
-        g: str | None = grid_id
-        while g is not None:
-            out.append(g)
-            g = self.grids[g].parent
-        return out
+        return ancestors_of(self.grids, grid_id)
 
     def subtree(self, grid_id: str) -> list[str]:
         """``grid_id`` and every grid below it, parents before children."""
