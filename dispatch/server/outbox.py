@@ -16,6 +16,10 @@ from aiohttp import WSMsgType, web
 CLOSE_TOO_SLOW = 4008
 BATCH = 256
 """Frames written to the socket in one call: one syscall for a burst instead of one a frame."""
+HARD_LIMIT_FACTOR = 4
+"""A client is too slow when more than ``limit`` frames wait while its socket is backed up; a
+burst to a client that is reading (one batch of acks, say) may queue up to this many times
+``limit`` before it is cut off regardless."""
 HIGH_WATER = 256 * 1024
 """Bytes buffered in the transport beyond which the writer waits for the socket to drain."""
 
@@ -47,6 +51,7 @@ def _raw_channel(
 
 class Outbox:
     __slots__ = (
+        "_blocked",
         "_closer",
         "_drained",
         "_frames",
@@ -68,6 +73,8 @@ class Outbox:
         self._drained = asyncio.Event()
         self._drained.set()
         self._closer: asyncio.Task[bool] | None = None
+        self._blocked = False
+        """True while the socket is backed up: the client is not reading what it was sent."""
         self._on_evict = on_evict
         self.closed = False
         self._task = asyncio.create_task(self._pump())
@@ -76,7 +83,8 @@ class Outbox:
         """Queue a text frame. Never blocks; evicts the client if it cannot keep up."""
         if self.closed:
             return
-        if len(self._frames) >= self.limit:
+        queued = len(self._frames)
+        if queued >= self.limit and (self._blocked or queued >= HARD_LIMIT_FACTOR * self.limit):
             self.evict()
             return
         self._frames.append(frame)
@@ -107,7 +115,11 @@ class Outbox:
                     await self._wake.wait()
                     continue
                 if raw is None:
-                    await ws.send_frame(frames.popleft(), WSMsgType.TEXT)
+                    self._blocked = True
+                    try:
+                        await ws.send_frame(frames.popleft(), WSMsgType.TEXT)
+                    finally:
+                        self._blocked = False
                     continue
                 transport, drain = raw
                 if transport.is_closing():
@@ -119,7 +131,11 @@ class Outbox:
                     parts.append(frame)
                 transport.write(b"".join(parts))
                 if transport.get_write_buffer_size() > HIGH_WATER:
-                    await drain()
+                    self._blocked = True
+                    try:
+                        await drain()
+                    finally:
+                        self._blocked = False
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             self.closed = True
             self._drained.set()

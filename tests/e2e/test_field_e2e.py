@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -458,5 +459,42 @@ def test_wall_screen_page_carries_the_configured_tile_source(tmp_path: Path) -> 
             page = r.read().decode()
         assert f'<meta name="dispatch-tiles" content="{tiles}">' in page
         assert "img-src 'self' http://10.1.2.3:8000" in page
+    finally:
+        srv.stop()
+
+
+async def test_a_screen_that_cannot_keep_up_is_closed_4008_and_resumes(tmp_path: Path) -> None:
+    """A wall screen that stops reading holds nobody up: the devices get every ack, the screen's
+    queue overflows while its socket is backed up, it is closed with 4008, and a reconnect with
+    ``since`` is served again."""
+    srv = ServerProcess(tmp_path, extra="queue_limit = 200\nrate = 2000.0\nburst = 5000")
+    srv.start()
+    try:
+        slow = await Client.connect(srv.ws + "/ws/screen", max_queue=1)
+        await slow.send({"type": "hello", "token": token("operator", "op", scope="T0")})
+        await asyncio.sleep(0.5)
+        slow.task.cancel()  # stop reading: the socket buffers fill up
+        since = max((m.get("seq", 0) for m in slow.seen), default=0)
+        w2 = await field(srv, "w2", (113.005, 22.605))
+        text = "x" * 4000
+        n = 1500
+        for i in range(n):
+            await w2.send({"type": "report", "id": f"r{i}", "category": "sanitation",
+                           "lon": 113.006, "lat": 22.606, "handled": True, "description": text})
+        deadline = asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < deadline:
+            if sum(1 for m in w2.seen if m["type"] == "ack") == n:
+                break
+            await asyncio.sleep(0.2)
+        assert sum(1 for m in w2.seen if m["type"] == "ack") == n, "the slow screen held it up"
+        assert w2.closed_code is None
+        async with asyncio.timeout(30):
+            with contextlib.suppress(Exception):
+                async for _ in slow.ws:
+                    pass
+        assert slow.ws.close_code == 4008, slow.ws.close_code
+        again = await screen(srv, since=since)
+        first = await again.wait_for(lambda m: m["type"] in ("event", "snapshot"), timeout=10)
+        assert first["type"] == "snapshot" or first["seq"] == since + 1
     finally:
         srv.stop()
