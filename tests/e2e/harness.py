@@ -26,25 +26,13 @@ import jwt
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.smalltown import feature_collection
+
 MS = float(os.environ.get("DISPATCH_TEST_MS", "0.001"))
 """One scalable time unit for test timeouts (multiply on a slow machine)."""
 
 SECRET = "e2e-secret-0123456789abcdef-0123456789"
 
-
-def rect(x0: float, y0: float, x1: float, y1: float) -> list[list[list[float]]]:
-    return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
-
-
-GRIDS = [
-    ("T0", 1, None, rect(113.00, 22.60, 113.04, 22.64), 40000),
-    ("V1", 2, "T0", rect(113.00, 22.60, 113.02, 22.64), 20000),
-    ("V2", 2, "T0", rect(113.02, 22.60, 113.04, 22.64), 20000),
-    ("V1A", 3, "V1", rect(113.00, 22.60, 113.02, 22.62), 10000),
-    ("V1B", 3, "V1", rect(113.00, 22.62, 113.02, 22.64), 10000),
-    ("V2A", 3, "V2", rect(113.02, 22.60, 113.04, 22.62), 10000),
-    ("V2B", 3, "V2", rect(113.02, 22.62, 113.04, 22.64), 10000),
-]
 
 ROSTER = [
     ("w1", "Worker One", "grid_worker", "V1A", "*", ""),
@@ -120,23 +108,7 @@ class ServerProcess:
         self.logfile = workdir / f"server-{self.port}.log"
         disp = {"offer_timeout": "3s", "position_stale_after": "10m", "offline_after": "2s"}
         disp.update(dispatch or {})
-        fc = {
-            "type": "FeatureCollection",
-            "features": [
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": poly},
-                    "properties": {
-                        "id": gid,
-                        "level": lvl,
-                        "parent": parent,
-                        "name": gid,
-                        "population": pop,
-                    },
-                }
-                for gid, lvl, parent, poly, pop in GRIDS
-            ],
-        }
+        fc = feature_collection()
         (workdir / "grids.geojson").write_text(json.dumps(fc))
         (workdir / "roster.csv").write_text(
             "id,name,kind,home_grid,skills,department\n"

@@ -13,21 +13,7 @@ from dispatch.engine.model import Category, ResponderInfo, Timing, Town
 from dispatch.geo.distance import haversine_m
 from dispatch.geo.grids import GridSet, grids_from_geojson
 from dispatch.geo.index import CellIndex
-
-
-def rect(x0: float, y0: float, x1: float, y1: float) -> list[list[list[float]]]:
-    return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
-
-
-GRIDS = [
-    ("T0", 1, None, rect(113.00, 22.60, 113.04, 22.64)),
-    ("V1", 2, "T0", rect(113.00, 22.60, 113.02, 22.64)),
-    ("V2", 2, "T0", rect(113.02, 22.60, 113.04, 22.64)),
-    ("V1A", 3, "V1", rect(113.00, 22.60, 113.02, 22.62)),
-    ("V1B", 3, "V1", rect(113.00, 22.62, 113.02, 22.64)),
-    ("V2A", 3, "V2", rect(113.02, 22.60, 113.04, 22.62)),
-    ("V2B", 3, "V2", rect(113.02, 22.62, 113.04, 22.64)),
-]
+from tests.smalltown import feature_collection
 
 H = 3600.0
 CATEGORIES = {
@@ -70,24 +56,7 @@ def roster(rows: list[tuple[str, str, str, str]] | None = None) -> dict[str, Res
 
 
 def gridset() -> GridSet:
-    fc = {
-        "type": "FeatureCollection",
-        "features": [
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": poly},
-                "properties": {
-                    "id": gid,
-                    "level": lvl,
-                    "parent": parent,
-                    "name": gid,
-                    "population": 10000,
-                },
-            }
-            for gid, lvl, parent, poly in GRIDS
-        ],
-    }
-    return grids_from_geojson(fc)
+    return grids_from_geojson(feature_collection())
 
 
 GRIDSET = gridset()
