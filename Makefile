@@ -18,7 +18,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/dispatch demo
+	$(BIN)/dispatch demo --port $(or $(PORT),8080)
 
 test: $(TEST_STAMP)
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server"; exit 1; }
