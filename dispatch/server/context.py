@@ -49,11 +49,9 @@ class Context:
         return self.runners.get(located.g1)
 
     def town_of_grid(self, grid_id: str) -> str | None:
-        grids = self.data.gridset.grids
-        g = grids.get(grid_id)
-        while g is not None and g.parent is not None:
-            g = grids.get(g.parent)
-        return g.id if g is not None else None
+        """The town of a grid id, or ``None`` for an unknown id (``GridSet.town_of`` raises)."""
+        gridset = self.data.gridset
+        return gridset.town_of(grid_id) if grid_id in gridset.grids else None
 
     @property
     def ready(self) -> bool:
