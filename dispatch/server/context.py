@@ -5,16 +5,20 @@ One :class:`Context` per application, stored under ``app[Context.KEY]``.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from dispatch.clock import Clock
+from dispatch.errors import Rejected
 from dispatch.log.base import EventLog
 from dispatch.server.hub import Hub
 from dispatch.server.metrics import Metrics
+from dispatch.wire import messages as m
+from dispatch.wire.codec import error_message
 
 
 @dataclass(eq=False)
@@ -86,3 +90,46 @@ def ws_response(ctx: Context) -> web.WebSocketResponse:
         compress=False,
         max_msg_size=s.max_message_bytes,
     )
+
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_HELLO_TIMEOUT = 4408
+CLOSE_FLOOD = 4429
+
+
+async def receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) -> Any:
+    """Wait for ``hello`` (PROTOCOL: within 10 s, else 4408). Other frames get an error."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.server.hello_timeout
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            await ws.close(
+                code=CLOSE_HELLO_TIMEOUT, message=b"hello expected within the time limit"
+            )
+            return None
+        try:
+            msg = await ws.receive(timeout=left)
+        except TimeoutError:
+            continue
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return None
+        try:
+            hello = decode(msg.data)
+        except Rejected as rej:
+            await ws.send_frame(
+                error_message(rej.code, rej.message, rej.message_id), WSMsgType.TEXT
+            )
+            continue
+        if not isinstance(hello, m.Hello):
+            await ws.send_frame(
+                error_message(
+                    "bad_message",
+                    'Say hello first: the first message must be {"type": "hello", "token": …}.',
+                    getattr(hello, "id", None),
+                ),
+                WSMsgType.TEXT,
+            )
+            continue
+        return hello

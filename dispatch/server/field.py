@@ -13,7 +13,15 @@ from dispatch.engine import commands as c
 from dispatch.engine.engine import Engine, Outcome
 from dispatch.errors import Rejected
 from dispatch.server.auth import verify
-from dispatch.server.context import Context, check_origin, ws_response
+from dispatch.server.context import (
+    CLOSE_FLOOD,
+    CLOSE_FORBIDDEN,
+    CLOSE_UNAUTHORIZED,
+    Context,
+    check_origin,
+    receive_hello,
+    ws_response,
+)
 from dispatch.server.hub import notice_frame
 from dispatch.server.limits import TokenBucket
 from dispatch.server.outbox import Outbox
@@ -22,12 +30,6 @@ from dispatch.wire.codec import decode_field, dumps, error_message, iso, parse_t
 from dispatch.wire.objects import incident_obj, responder_obj
 
 log = structlog.get_logger("dispatch.field")
-
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_HELLO_TIMEOUT = 4408
-CLOSE_FLOOD = 4429
-
 
 async def field_ws(request: web.Request) -> web.WebSocketResponse:
     ctx: Context = request.app[Context.KEY]
@@ -42,45 +44,8 @@ async def field_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) -> Any:
-    """Wait for ``hello`` (PROTOCOL: within 10 s, else 4408). Other frames get an error."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ctx.settings.server.hello_timeout
-    while True:
-        left = deadline - loop.time()
-        if left <= 0:
-            await ws.close(
-                code=CLOSE_HELLO_TIMEOUT, message=b"hello expected within the time limit"
-            )
-            return None
-        try:
-            msg = await ws.receive(timeout=left)
-        except TimeoutError:
-            continue
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return None
-        try:
-            hello = decode(msg.data)
-        except Rejected as rej:
-            await ws.send_frame(
-                error_message(rej.code, rej.message, rej.message_id), WSMsgType.TEXT
-            )
-            continue
-        if not isinstance(hello, m.Hello):
-            await ws.send_frame(
-                error_message(
-                    "bad_message",
-                    'Say hello first: the first message must be {"type": "hello", "token": …}.',
-                    getattr(hello, "id", None),
-                ),
-                WSMsgType.TEXT,
-            )
-            continue
-        return hello
-
-
 async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
-    hello = await _receive_hello(ctx, ws, decode_field)
+    hello = await receive_hello(ctx, ws, decode_field)
     if hello is None:
         return
     try:

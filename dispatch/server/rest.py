@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from dispatch.engine import commands as c
@@ -14,7 +13,7 @@ from dispatch.errors import HTTP_STATUS, Rejected
 from dispatch.server.auth import Principal, verify
 from dispatch.server.context import Context
 from dispatch.server.limits import TokenBucket
-from dispatch.server.screen import runner_of_incident
+from dispatch.server.screen import resolve_scope, runner_of_incident
 from dispatch.stats import compute_stats
 from dispatch.stats.safety import safety_history
 from dispatch.wire.codec import decode_intake, dumps, event_wire, parse_time
@@ -281,8 +280,6 @@ async def list_responders(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     principal = principal_of(request, VIEWERS)
     ctx: Context = request.app[Context.KEY]
-    from dispatch.server.screen import resolve_scope
-
     scope = resolve_scope(ctx, principal, request.query.get("scope"))
     town = ctx.town_of_grid(scope)
     assert town is not None
@@ -327,4 +324,4 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-__all__ = ["msgspec", "problem", "problem_middleware", "routes"]
+__all__ = ["problem", "problem_middleware", "routes"]

@@ -12,12 +12,14 @@ from dispatch.engine import commands as c
 from dispatch.engine.engine import Engine
 from dispatch.errors import Rejected
 from dispatch.server.auth import Principal, verify
-from dispatch.server.context import Context, check_origin, ws_response
-from dispatch.server.field import (
+from dispatch.server.context import (
     CLOSE_FLOOD,
     CLOSE_FORBIDDEN,
     CLOSE_UNAUTHORIZED,
-    _receive_hello,
+    Context,
+    check_origin,
+    receive_hello,
+    ws_response,
 )
 from dispatch.server.hub import Screen
 from dispatch.server.limits import TokenBucket
@@ -70,7 +72,7 @@ async def screen_ws(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
-    hello = await _receive_hello(ctx, ws, decode_screen)
+    hello = await receive_hello(ctx, ws, decode_screen)
     if hello is None:
         return
     try:
