@@ -9,11 +9,12 @@ sent exactly what it missed; older than that, it gets a fresh snapshot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from dispatch.engine.commands import Notice
 from dispatch.engine.engine import Engine
@@ -24,6 +25,8 @@ from dispatch.server.outbox import Outbox
 from dispatch.stats import compute_stats
 from dispatch.wire.codec import dumps, event_wire, iso
 from dispatch.wire.objects import incident_obj, responder_obj
+
+log = structlog.get_logger("dispatch.hub")
 
 if TYPE_CHECKING:
     from dispatch.server.town import TownRunner
@@ -238,13 +241,14 @@ class Hub:
         next_stats = 0.0
         while True:
             await asyncio.sleep(position_every)
-            with contextlib.suppress(Exception):
+            try:
                 self.flush_positions()
-            t = clock.now()
-            if t >= next_stats:
-                next_stats = t + stats_every
-                with contextlib.suppress(Exception):
+                t = clock.now()
+                if t >= next_stats:
+                    next_stats = t + stats_every
                     self.push_stats(t)
+            except Exception:
+                log.exception("periodic push to screens failed")
 
 
 def notice_frame(engine: Engine, n: Notice) -> bytes | None:

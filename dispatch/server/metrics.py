@@ -19,11 +19,13 @@ from prometheus_client.registry import Collector
 from dispatch.engine.events import (
     Event,
     IncidentAssigned,
+    IncidentClosed,
     IncidentDeclined,
     IncidentEscalated,
     IncidentOffered,
     IncidentOfferExpired,
     IncidentReported,
+    IncidentTransferred,
 )
 
 LATENCY_BUCKETS = (
@@ -204,6 +206,10 @@ class Metrics:
                 self.escalations.labels(
                     event.reason, str(event.from_level), str(event.to_level)
                 ).inc()
+                self._offered_at.pop(event.incident, None)
+                self._reported_at.pop(event.incident, None)
+            case IncidentClosed() | IncidentTransferred():
+                # no acceptance will follow: forget the start times, or they pile up forever
                 self._offered_at.pop(event.incident, None)
                 self._reported_at.pop(event.incident, None)
             case _:
