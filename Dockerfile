@@ -21,11 +21,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
 WORKDIR /src
-# .dockerignore lets in only pyproject.toml, README.md and dispatch/ (plus config/ and static/,
-# which the final stage copies).
-COPY pyproject.toml README.md ./
+# .dockerignore lets in only pyproject.toml, setup.py, README.md and dispatch/ (plus config/ and
+# static/, which the final stage copies). setup.py compiles the responder index's C search; the
+# image insists on it (DISPATCH_REQUIRE_SPEEDUPS), so a broken compile fails the build.
+COPY pyproject.toml setup.py README.md ./
 COPY dispatch ./dispatch
-RUN pip wheel --wheel-dir /wheels ".[speed]"
+RUN DISPATCH_REQUIRE_SPEEDUPS=1 pip wheel --wheel-dir /wheels ".[speed]"
 
 # -------------------------------------------------------------------------------------- final
 FROM python:${PYTHON_VERSION}-slim-bookworm

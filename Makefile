@@ -7,7 +7,11 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test lint bench conformance clean
 
-$(STAMP): pyproject.toml
+# The compiled search of the responder index (dispatch/geo/_speedups.c) is optional for pip,
+# required here: a missing compiler should fail the install, not quietly slow the index down.
+export DISPATCH_REQUIRE_SPEEDUPS := 1
+
+$(STAMP): pyproject.toml setup.py dispatch/geo/_speedups.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[speed]'
@@ -37,4 +41,4 @@ conformance: $(STAMP)
 	bash ../shared/conformance/run.sh
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var build .pytest_cache .mypy_cache .ruff_cache dispatch/geo/_speedups.*.so

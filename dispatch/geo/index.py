@@ -41,6 +41,12 @@ How it stays fast (pure Python, no numpy on the hot path):
   that is cheaper than the next ring. Every path ends, and none is worse than a scan of the pool.
 
 Moves are O(1): a move that stays in the responder's finest cell only updates its coordinates.
+
+**Compiled search.** ``dispatch/geo/_speedups.c`` repeats the ring search, the scan fallback and
+the final haversine ranking in C over these same records (it reads their ``__slots__``), and
+hands a query back to the Python search below whenever the tree search would take over. It is
+optional, as websockets' speedups are: :data:`SPEEDUPS` says whether it was built, and
+``CellIndex(speedups=False)`` forces the pure-Python path (the property tests run both).
 """
 
 from __future__ import annotations
@@ -50,10 +56,23 @@ from collections.abc import Container, Iterable, Iterator
 from heapq import heapify, heappop, heappush
 from itertools import islice
 from math import asin, cos, floor, inf, log, log2, pi, radians, sin, sqrt
+from typing import TYPE_CHECKING
 
-from dispatch.geo.distance import haversine_m
+from dispatch.geo.distance import EARTH_RADIUS_M, haversine_m
 
-__all__ = ["CellIndex"]
+if TYPE_CHECKING:
+    from dispatch.geo._speedups import Cells, Store
+
+try:
+    from dispatch.geo import _speedups
+except ImportError:  # built without a C compiler: the pure-Python search runs
+    _speedups = None  # type: ignore[assignment]
+
+SPEEDUPS = _speedups is not None
+"""Whether the compiled search (``dispatch/geo/_speedups.c``) is built; ``CellIndex`` uses it
+unless told ``speedups=False``."""
+
+__all__ = ["SPEEDUPS", "CellIndex"]
 
 LEVEL_MIN = -3
 """Coarsest cell: 8 degrees."""
@@ -89,10 +108,12 @@ class _Resp:
         "lmax",
         "lon",
         "maps",
+        "nodes",
         "pools",
         "rid",
         "scale",
         "skills",
+        "slot",
         "ts",
         "x",
         "y",
@@ -105,6 +126,10 @@ class _Resp:
         self.skills: frozenset[str] = frozenset()
         self.maps: tuple[_Map, ...] = ()
         self.keys: list[int] = []
+        self.nodes: list[int] = []
+        """Per map, this record's node in the map's compiled cells (when built)."""
+        self.slot = -1
+        """This record's slot in the compiled store while it is active (when built)."""
         self.available = False
         self.has_pos = False
         self.active = False
@@ -132,6 +157,7 @@ class _Map:
         "cellrad",
         "cells",
         "changes",
+        "fast",
         "half",
         "imax",
         "imin",
@@ -142,10 +168,11 @@ class _Map:
         "n_built",
         "scale",
         "shift",
+        "store",
         "tree",
     )
 
-    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, level: int = DEFAULT_LEVEL, store: Store | None = None) -> None:
         self.cells: dict[int, dict[str, _Resp]] = {}
         self.tree: list[dict[int, int]] = []
         self.n = 0
@@ -156,6 +183,8 @@ class _Map:
         self.half = 0
         self.scale = 1.0
         self.cellrad = 0.0
+        self.store = store
+        self.fast: Cells | None = None
         self.set_level(level)
 
     def set_level(self, level: int) -> None:
@@ -170,6 +199,10 @@ class _Map:
         # Tree cells of at most 16 degrees (level -4), as _cell_lb requires.
         self.tree = [{} for _ in range(max(0, min(_TREE_DEPTH, (level + 4) // 2)))]
         self.reset_bbox()
+        if self.store is not None:
+            self.fast = _speedups.Cells(
+                self.store, self.shift, self.scale, self.cellrad, bool(self.tree)
+            )
 
     def reset_bbox(self) -> None:
         self.imin = self.jmin = 1 << 62
@@ -179,18 +212,25 @@ class _Map:
         d = r.lmax - self.level
         return ((r.ci >> d) << self.shift) + (r.cj >> d)
 
-    def add(self, r: _Resp, key: int) -> None:
+    def add(self, r: _Resp, n: int) -> None:
+        """Put ``r`` in its cell ``r.keys[n]`` (this map is ``r.maps[n]``)."""
+        key = r.keys[n]
         b = self.cells.get(key)
         if b is None:
             self.new_cell(key, r)
         else:
             b[r.rid] = r
+        if self.fast is not None:
+            r.nodes[n] = self.fast.add(key, r.slot)
 
-    def discard(self, rid: str, key: int) -> None:
+    def discard(self, r: _Resp, n: int) -> None:
+        key = r.keys[n]
         b = self.cells[key]
-        del b[rid]
+        del b[r.rid]
         if not b:
             self.drop_cell(key)
+        if self.fast is not None:
+            self.fast.remove(r.nodes[n])
 
     def new_cell(self, key: int, r: _Resp) -> None:
         """Create cell ``key`` holding ``r``: widen the bounding box, count it up the tree."""
@@ -420,6 +460,7 @@ class CellIndex:
         ring_limit: int = 3,
         tree_budget: float = 300.0,
         scan_fallback: bool = True,
+        speedups: bool = True,
     ) -> None:
         if fixed_level is not None and not LEVEL_MIN <= fixed_level <= LEVEL_MAX:
             raise ValueError(f"fixed_level must be in {LEVEL_MIN}..{LEVEL_MAX}")
@@ -428,6 +469,7 @@ class CellIndex:
         self._ring_limit = ring_limit
         self._tree_budget = tree_budget
         self._scan_fallback = scan_fallback
+        self._store = _speedups.Store() if speedups and SPEEDUPS else None
         self._resp: dict[str, _Resp] = {}
         self._maps: dict[tuple[str, str], _Map] = {}
         self.rebuilds = 0
@@ -452,11 +494,12 @@ class CellIndex:
                 m = self._maps.get((pool, g))
                 if m is None:
                     m = self._maps[(pool, g)] = _Map(
-                        DEFAULT_LEVEL if self._fixed is None else self._fixed
+                        DEFAULT_LEVEL if self._fixed is None else self._fixed, self._store
                     )
                 maps.append(m)
         r.maps = tuple(maps)
         r.keys = [0] * len(maps)
+        r.nodes = [0] * len(maps)
         self._refresh(r)
 
     def set_available(self, rid: str, available: bool) -> None:
@@ -488,6 +531,8 @@ class CellIndex:
                 r.has_pos = True
                 self._refresh(r)
             return
+        if r.slot >= 0:
+            self._store.update(r.slot)  # type: ignore[union-attr]
         s = r.scale
         ci = floor(lat * s)
         cj = floor(lon * s)
@@ -515,6 +560,8 @@ class CellIndex:
                 else:
                     nb[rid] = r
                 keys[n] = key
+                if m.fast is not None:
+                    m.fast.relink(r.nodes[n], key)
                 m.changes += 1
                 if m.changes > 4 * m.n + 64:
                     due = [m] if due is None else [*due, m]
@@ -552,6 +599,14 @@ class CellIndex:
             m2 = None
         if m1 is None and m2 is None:
             return []
+        if self._store is not None:
+            got = _speedups.nearest(
+                None if m1 is None else m1.fast, None if m2 is None else m2.fast,
+                lon, lat, fresh_since, exclude, k,
+                self._ring_limit, self._tree_budget, self._scan_fallback,
+            )  # fmt: skip
+            if got is not None:
+                return got
         p = radians(lat)
         q = radians(lon)
         cq = cos(p)
@@ -628,10 +683,11 @@ class CellIndex:
 
     def _activate(self, r: _Resp) -> None:
         self._place(r)
+        if self._store is not None:
+            r.slot = self._store.add(r)
         for n, m in enumerate(r.maps):
-            key = m.key_of(r)
-            r.keys[n] = key
-            m.add(r, key)
+            r.keys[n] = m.key_of(r)
+            m.add(r, n)
             m.n += 1
         r.active = True
         for m in r.maps:
@@ -640,8 +696,11 @@ class CellIndex:
 
     def _deactivate(self, r: _Resp) -> None:
         for n, m in enumerate(r.maps):
-            m.discard(r.rid, r.keys[n])
+            m.discard(r, n)
             m.n -= 1
+        if r.slot >= 0:
+            self._store.remove(r.slot)  # type: ignore[union-attr]
+            r.slot = -1
         r.active = False
         for m in r.maps:
             if m.n_built > 64 and 4 * m.n < m.n_built:
@@ -661,9 +720,9 @@ class CellIndex:
         m.set_level(level)
         for r in members:
             self._place(r)
-            key = m.key_of(r)
-            r.keys[r.maps.index(m)] = key
-            m.add(r, key)
+            n = r.maps.index(m)
+            r.keys[n] = m.key_of(r)
+            m.add(r, n)
 
     def _search(
         self,
@@ -767,3 +826,8 @@ class CellIndex:
                     break
             r += 1
         return thr
+
+
+
+if _speedups is not None:
+    _speedups.setup(_Resp, EARTH_RADIUS_M, _DELTA, _EPS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,9 +15,18 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from dispatch.engine.model import ResponderIndex
 from dispatch.geo.distance import EARTH_RADIUS_M, haversine_m
-from dispatch.geo.index import CellIndex, _cell_lb
+from dispatch.geo.index import SPEEDUPS, CellIndex, _cell_lb
 
 LON0, LAT0 = 113.19, 22.61
+
+both = pytest.mark.parametrize("speedups", [True, False], ids=["compiled", "python"])
+"""Run a test against the compiled search (dispatch/geo/_speedups.c) and the pure-Python one."""
+
+
+def test_compiled_search_is_built() -> None:
+    """`make` installs with DISPATCH_REQUIRE_SPEEDUPS=1; without it the "compiled" runs below
+    would silently test the Python search twice."""
+    assert SPEEDUPS
 
 
 # -- the reference --------------------------------------------------------------------------------
@@ -87,9 +97,9 @@ def test_haversine_known_values() -> None:
 # -- plain behaviour ----------------------------------------------------------------------------
 
 
-def make(*rows: tuple[str, float, float, str]) -> CellIndex:
+def make(*rows: tuple[str, float, float, str], speedups: bool = True) -> CellIndex:
     """Responders in pool "p", available, at (x, y) in about-100 m units, with skills."""
-    idx = CellIndex()
+    idx = CellIndex(speedups=speedups)
     for rid, x, y, skills in rows:
         idx.register(rid, ["p", f"home-{rid}"], frozenset(skills.split(";")))
         idx.set_available(rid, True)
@@ -104,11 +114,17 @@ def near(idx: CellIndex, x: float, y: float, **kw: object) -> list[str]:
     return [rid for rid, _ in got]
 
 
-def test_filters_each_apply() -> None:
-    idx = make(("a", 0, 0, "*"), ("b", 1, 0, "fire"), ("c", 2, 0, "traffic"), ("d", 3, 0, "*"))
+@both
+def test_filters_each_apply(speedups: bool) -> None:
+    idx = make(
+        ("a", 0, 0, "*"), ("b", 1, 0, "fire"), ("c", 2, 0, "traffic"), ("d", 3, 0, "*"),
+        speedups=speedups,
+    )  # fmt: skip
     assert near(idx, 0, 0, k=4) == ["a", "b", "d"]  # c lacks the skill
     assert near(idx, 0, 0, skill="traffic", k=4) == ["a", "c", "d"]
     assert near(idx, 0, 0, exclude={"a"}) == ["b"]
+    assert near(idx, 0, 0, exclude={"a": 1}) == ["b"]  # any container
+    assert near(idx, 0, 0, exclude=("a", "b"), k=2) == ["d"]
     idx.set_available("b", False)
     assert near(idx, 0, 0, exclude={"a"}) == ["d"]
     idx.set_available("b", True)
@@ -121,8 +137,12 @@ def test_filters_each_apply() -> None:
     assert near(idx, 0, 0, k=0) == []
 
 
-def test_distances_ordering_and_ties_by_id() -> None:
-    idx = make(("z", 1, 1, "*"), ("m", 1, 1, "*"), ("a", 5, 5, "*"), ("q", -2, 0, "*"))
+@both
+def test_distances_ordering_and_ties_by_id(speedups: bool) -> None:
+    idx = make(
+        ("z", 1, 1, "*"), ("m", 1, 1, "*"), ("a", 5, 5, "*"), ("q", -2, 0, "*"),
+        speedups=speedups,
+    )  # fmt: skip
     got = idx.nearest("p", LON0, LAT0, skill="x", fresh_since=0.0, k=3)
     d1 = haversine_m(LON0, LAT0, LON0 + 0.001, LAT0 + 0.001)
     d2 = haversine_m(LON0, LAT0, LON0 - 0.002, LAT0)
@@ -132,8 +152,9 @@ def test_distances_ordering_and_ties_by_id() -> None:
     assert idx.nearest("p", LON0, LAT0, skill="x", fresh_since=0.0, exclude={"m"}) == [("z", d1)]
 
 
-def test_no_position_never_returned_and_position_kept() -> None:
-    idx = CellIndex()
+@both
+def test_no_position_never_returned_and_position_kept(speedups: bool) -> None:
+    idx = CellIndex(speedups=speedups)
     idx.register("a", ["p"], frozenset({"*"}))
     idx.set_available("a", True)
     assert idx.position("a") is None
@@ -156,8 +177,9 @@ def test_no_position_never_returned_and_position_kept() -> None:
     assert idx.nearest("p", LON0, LAT0, skill="x", fresh_since=0.0) == [("ghost", 0.0)]
 
 
-def test_reregister_replaces_pools_and_skills() -> None:
-    idx = make(("a", 0, 0, "fire"))
+@both
+def test_reregister_replaces_pools_and_skills(speedups: bool) -> None:
+    idx = make(("a", 0, 0, "fire"), speedups=speedups)
     idx.register("a", ["q"], frozenset({"traffic"}))
     assert near(idx, 0, 0) == []
     assert idx.nearest("q", LON0, LAT0, skill="traffic", fresh_since=0.0) == [("a", 0.0)]
@@ -192,9 +214,12 @@ def _check_many(
 
 @pytest.mark.parametrize("c", [(LON0, LAT0), (-60.0, 0.0)], ids=["guangdong", "equator"])
 @pytest.mark.parametrize("layout", ["uniform", "clustered"])
-def test_large_random_town_matches_brute_force(layout: str, c: tuple[float, float]) -> None:
+@both
+def test_large_random_town_matches_brute_force(
+    layout: str, c: tuple[float, float], speedups: bool
+) -> None:
     rng = random.Random(layout)
-    idx, model = CellIndex(), Model()
+    idx, model = CellIndex(speedups=speedups), Model()
     spread = 0.09  # about 20 km across
     for i in range(3000):
         rid = f"r{i:05d}"
@@ -231,9 +256,10 @@ def test_large_random_town_matches_brute_force(layout: str, c: tuple[float, floa
         assert idx.nearest("town", lon, lat, skill="fire", fresh_since=0.0, k=2) == want
 
 
-def test_maps_adapt_when_members_spread_out() -> None:
+@both
+def test_maps_adapt_when_members_spread_out(speedups: bool) -> None:
     rng = random.Random(3)
-    idx, model = CellIndex(), Model()
+    idx, model = CellIndex(speedups=speedups), Model()
     for i in range(400):  # all start in a ~20 m square (a muster point) ...
         rid = f"r{i:03d}"
         idx.register(rid, ["town"], frozenset({"*"}))
@@ -303,15 +329,18 @@ class IndexMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.model = Model()
-        self.indexes = [
-            CellIndex(),  # adaptive
-            CellIndex(fixed_level=16),  # tiny cells: long ring walks, scan fallback
-            CellIndex(fixed_level=-3),  # 8-degree cells: everything in one bucket
-            CellIndex(fixed_level=11),  # cell edges on the lattice
-            CellIndex(target_per_cell=0.01),  # fine cells, rebuilds often
+        tunings: list[dict[str, Any]] = [
+            {},  # adaptive
+            {"fixed_level": 16},  # tiny cells: long ring walks, scan fallback
+            {"fixed_level": -3},  # 8-degree cells: everything in one bucket
+            {"fixed_level": 11},  # cell edges on the lattice
+            {"target_per_cell": 0.01},  # fine cells, rebuilds often
             # the best-first tree search after 0 or 1 rings, never a scan
-            CellIndex(fixed_level=14, ring_limit=0, tree_budget=0.0, scan_fallback=False),
-            CellIndex(ring_limit=1, tree_budget=0.0, scan_fallback=False),
+            {"fixed_level": 14, "ring_limit": 0, "tree_budget": 0.0, "scan_fallback": False},
+            {"ring_limit": 1, "tree_budget": 0.0, "scan_fallback": False},
+        ]
+        self.indexes = [
+            CellIndex(speedups=speedups, **kw) for kw in tunings for speedups in (True, False)
         ]
 
     @initialize()
@@ -391,13 +420,14 @@ def test_typed_protocol() -> None:
 
 
 @pytest.mark.parametrize("level", [None, 11, 16])
-def test_antimeridian_and_pole_neighbours(level: int | None) -> None:
+@both
+def test_antimeridian_and_pole_neighbours(level: int | None, speedups: bool) -> None:
     rng = random.Random(5)
     filler = {f"f{i}": (rng.uniform(-100, 100), rng.uniform(-60, 60)) for i in range(300)}
 
     def build(points: dict[str, tuple[float, float]]) -> CellIndex:
         # Filler makes many cells, so the search walks rings instead of scanning at once.
-        idx = CellIndex() if level is None else CellIndex(fixed_level=level)
+        idx = CellIndex(speedups=speedups, fixed_level=level)
         points = {**filler, **points}
         for rid, (lon, lat) in points.items():
             idx.register(rid, ["p"], frozenset({"*"}))
@@ -471,10 +501,11 @@ def rng_pick(seed: int, options: list[float]) -> float:
     ],
     ids=["default", "tree-only", "rings-then-tree"],
 )
-def test_queries_at_a_pole_terminate(kw: dict[str, object]) -> None:
+@both
+def test_queries_at_a_pole_terminate(kw: dict[str, object], speedups: bool) -> None:
     """At a pole the ring bound's longitude part is zero: the search must leave the rings."""
     rng = random.Random(11)
-    idx = CellIndex(**kw)  # type: ignore[arg-type]
+    idx = CellIndex(speedups=speedups, **kw)  # type: ignore[arg-type]
     model = Model()
     spots = [(rng.uniform(-180, 180), rng.uniform(-80, 80)) for _ in range(200)]
     spots += [(0.0, 90.0), (45.0, 89.99), (10.0, -90.0), (179.99, -89.999)]

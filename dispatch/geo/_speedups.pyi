@@ -1,0 +1,36 @@
+"""Types of the compiled search (dispatch/geo/_speedups.c); see dispatch.geo.index."""
+
+from collections.abc import Container
+from typing import Any
+
+class Store:
+    def add(self, rec: Any, /) -> int: ...
+    def update(self, slot: int, /) -> None: ...
+    def remove(self, slot: int, /) -> None: ...
+    def __len__(self) -> int: ...
+
+class Cells:
+    def __init__(
+        self, store: Store, shift: int, scale: float, cellrad: float, has_tree: bool
+    ) -> None: ...
+    def add(self, key: int, slot: int, /) -> int: ...
+    def remove(self, node: int, /) -> None: ...
+    def relink(self, node: int, key: int, /) -> None: ...
+    def __len__(self) -> int: ...
+
+def nearest(
+    c1: Cells | None,
+    c2: Cells | None,
+    lon: float,
+    lat: float,
+    fresh: float,
+    exclude: Container[str],
+    k: int,
+    ring_limit: int,
+    tree_budget: float,
+    scan_fallback: bool,
+    /,
+) -> list[tuple[str, float]] | None: ...
+def setup(
+    resp_type: type, earth_radius_m: float, chord_delta: float, bound_eps: float, /
+) -> None: ...
