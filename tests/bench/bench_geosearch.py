@@ -10,7 +10,10 @@ a 20 km square around 22.61°N 113.19°E, all available in one pool) and, for ``
    * **numpy** — what feeding a brute-force scan costs: id → slot lookup and two array stores;
    * **redis** — ``GEOADD`` pipelined ``--pipeline`` members per round trip (one key);
 2. ``--queries`` random query points, nearest available responder (k = 1):
-   * **index** — ``CellIndex.nearest`` (µs a call, exact great-circle, ties by id);
+   * **index** — ``CellIndex.nearest`` (µs a call, exact great-circle, ties by id), with its
+     compiled search (``dispatch/geo/_speedups.c``) as the server runs it;
+   * **index, pure Python** — the same index built with ``speedups=False`` (the reference the
+     compiled search is checked against, and what runs where no C compiler was available);
    * **numpy** — a vectorised haversine over all positions + ``argmin`` (``bench_index.Brute``);
    * **redis round trip** — one ``GEOSEARCH key FROMLONLAT lon lat BYRADIUS r m ASC COUNT 1``
      and its answer before the next; ``r`` starts at 3× the mean nearest-neighbour distance
@@ -23,8 +26,9 @@ a 20 km square around 22.61°N 113.19°E, all available in one pool) and, for ``
    ``redis_ties`` (distance within 1 m of the true nearest) — anything else is a mismatch.
 
 Redis's own time per command (``INFO commandstats``, ``usec_per_call``) is recorded too: the
-pipelined figure is mostly the Python client (redis-py; its C parser ``hiredis`` is not
-installed), the server-side figure is what Redis itself spends. The client is redis-py (sync);
+pipelined figure is mostly the Python client (redis-py, with its C reply parser ``hiredis``
+when installed — the test extras install it), the server-side figure is what Redis itself
+spends, a floor no Redis client can go below. The client is redis-py (sync);
 redis-server runs on its own core when two are available
 (``--redis-cpu``), this process on whatever ``taskset`` gave it.
 """
@@ -50,8 +54,10 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
+from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 
 from dispatch.geo.distance import haversine_m  # noqa: E402
+from dispatch.geo.index import SPEEDUPS  # noqa: E402
 from tests.bench import bench_index as bi  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
@@ -142,24 +148,30 @@ def run_size(n: int, args: argparse.Namespace, geo: RedisGeo) -> dict[str, Any]:
     make = getattr(bi.Town, "uniform", None) or getattr(bi.Town, "random")  # noqa: B009
     town = make(n, rng)
     idx = bi.build(town, lambda i: frozenset({"*"}))
+    pure = bi.build(town, lambda i: frozenset({"*"}), speedups=False)
     geo.r.delete(KEY)
     geo.load(town)
     slot = {rid: i for i, rid in enumerate(town.rids)}
     lon_a = np.array(town.lons)
     lat_a = np.array(town.lats)
     res: dict[str, list[float]] = {k: [] for k in (
-        "index_q", "numpy_q", "redis_rt", "redis_pipe", "index_upd", "numpy_upd", "redis_upd")}
-    checked = mismatches = redis_checked = redis_equal = redis_ties = redis_bad = 0
+        "index_q", "pure_q", "numpy_q", "redis_rt", "redis_pipe", "index_upd", "pure_upd",
+        "numpy_upd", "redis_upd")}
+    checked = mismatches = differ_python = redis_checked = redis_equal = redis_ties = redis_bad = 0
     geo.r.config_resetstat()
     clock = time.perf_counter_ns
     for rnd in range(args.rounds):
         town.walk(rng, args.step_m)
         res["index_upd"].append(bi.feed(idx, town, 1.0 + rnd))
+        res["pure_upd"].append(bi.feed(pure, town, 1.0 + rnd))
         res["numpy_upd"].append(numpy_feed(town, slot, lon_a, lat_a))
         res["redis_upd"].append(geo.move_many(town))
         pts = bi.query_points(rng, args.queries)
         t_idx, answers = bi.time_queries(idx, pts, "any", 1)
         res["index_q"] += t_idx
+        t_pure, pure_answers = bi.time_queries(pure, pts, "any", 1)
+        res["pure_q"] += t_pure
+        differ_python += sum(a != b for a, b in zip(answers, pure_answers, strict=True))
         brute = bi.Brute(town)
         nb = max(200, min(args.queries, 3_000_000 // max(n, 1)))
         for lon, lat in pts[:nb]:
@@ -207,6 +219,10 @@ def run_size(n: int, args: argparse.Namespace, geo: RedisGeo) -> dict[str, Any]:
         "index_p50_us": round(idx_p50, 2),
         "index_p99_us": round(bi.pct(res["index_q"], 0.99), 2),
         "index_queries_per_s": round(1e6 / statistics.fmean(res["index_q"])),
+        "speedups": SPEEDUPS,
+        "index_python_p50_us": round(statistics.median(res["pure_q"]), 2),
+        "index_python_p99_us": round(bi.pct(res["pure_q"], 0.99), 2),
+        "index_python_updates_per_s": round(statistics.median(res["pure_upd"])),
         "numpy_p50_us": round(statistics.median(res["numpy_q"]), 1),
         "numpy_p99_us": round(bi.pct(res["numpy_q"], 0.99), 1),
         "numpy_queries_per_s": round(1e6 / statistics.fmean(res["numpy_q"])),
@@ -220,8 +236,10 @@ def run_size(n: int, args: argparse.Namespace, geo: RedisGeo) -> dict[str, Any]:
         "index_vs_numpy_x": round(statistics.median(res["numpy_q"]) / idx_p50, 1),
         "index_vs_redis_pipelined_x": round(pipe / idx_p50, 1),
         "index_vs_redis_roundtrip_x": round(statistics.median(res["redis_rt"]) / idx_p50, 1),
+        "index_python_vs_redis_pipelined_x": round(pipe / statistics.median(res["pure_q"]), 1),
         "checked_vs_numpy": checked,
         "mismatches_vs_numpy": mismatches,
+        "answers_differing_from_python": differ_python,
         "redis_checked": redis_checked,
         "redis_equal": redis_equal,
         "redis_ties": redis_ties,
@@ -233,7 +251,8 @@ def run_size(n: int, args: argparse.Namespace, geo: RedisGeo) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'n':>7} | {'index p50':>9} {'p99':>6} {'q/s':>9} | {'numpy p50':>9} {'q/s':>7} | "
+    head = (f"{'n':>7} | {'index p50':>9} {'p99':>6} {'q/s':>9} {'python':>6} | "
+            f"{'numpy p50':>9} {'q/s':>7} | "
             f"{'redis rt':>8} {'pipel.':>7} {'q/s':>7} | {'upd/s index':>11} {'numpy':>9} "
             f"{'redis':>9} | {'x numpy':>7} {'x redis':>7} | {'checked':>7} {'bad':>3} "
             f"{'redis ok/tie/bad':>16}")
@@ -241,16 +260,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"{r['n']:>7} | {r['index_p50_us']:>9.1f} {r['index_p99_us']:>6.1f} "
-            f"{r['index_queries_per_s']:>9,} | {r['numpy_p50_us']:>9.1f} "
+            f"{r['index_queries_per_s']:>9,} {r['index_python_p50_us']:>6.1f} | "
+            f"{r['numpy_p50_us']:>9.1f} "
             f"{r['numpy_queries_per_s']:>7,} | {r['redis_roundtrip_p50_us']:>8.1f} "
             f"{r['redis_pipelined_us']:>7.1f} {r['redis_pipelined_queries_per_s']:>7,} | "
             f"{r['index_updates_per_s']:>11,} {r['numpy_updates_per_s']:>9,} "
             f"{r['redis_updates_per_s']:>9,} | {r['index_vs_numpy_x']:>7.0f} "
             f"{r['index_vs_redis_pipelined_x']:>7.1f} | {r['checked_vs_numpy']:>7} "
-            f"{r['mismatches_vs_numpy']:>3} "
+            f"{r['mismatches_vs_numpy'] + r['answers_differing_from_python']:>3} "
             f"{r['redis_equal']:>6}/{r['redis_ties']}/{r['redis_mismatches']:<6}")
-    lines.append("(µs a query, k = 1; x = competitor p50 ÷ index p50; redis pipelined = time per "
-                 "query in pipelines; ties = Redis picked another responder within 1 m)")
+    lines.append("(µs a query, k = 1; python = the index's pure-Python search, p50; x = competitor "
+                 "p50 ÷ index p50; redis pipelined = time per query in pipelines; ties = Redis "
+                 "picked another responder within 1 m; bad counts the python search too)")
     return "\n".join(lines)
 
 
@@ -297,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "numpy": np.__version__,
             "redis_py": redis.__version__,
+            "hiredis": HIREDIS_AVAILABLE,
             "redis_server": version,
             "affinity": mine,
             "redis_cpu": redis_cpu,
@@ -305,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    bad = any(r["mismatches_vs_numpy"] or r["redis_mismatches"] for r in rows)
+    bad = any(r["mismatches_vs_numpy"] or r["answers_differing_from_python"]
+              or r["redis_mismatches"] for r in rows)
     return 1 if bad else 0
 
 

@@ -219,11 +219,15 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def build(
-    town: Town, skills_of: Callable[[int], frozenset[str]], *, grids: bool = False
+    town: Town,
+    skills_of: Callable[[int], frozenset[str]],
+    *,
+    grids: bool = False,
+    speedups: bool = True,
 ) -> CellIndex:
     """All available in pool "town"; with ``grids``, also in their level-3 and level-2 pools
     (a 9 x 9 partition of the town into basic grids, 3 x 3 of them per village)."""
-    idx = CellIndex()
+    idx = CellIndex(speedups=speedups)
     for i, rid in enumerate(town.rids):
         pools = ["town"]
         if grids:
