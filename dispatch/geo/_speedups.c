@@ -633,6 +633,8 @@ visit_cell(Search *s, Cells *c, int32_t nd)
         Node *n = &c->nodes[nd];
         Point *p = &pts[n->slot];
         nd = n->next;
+        if (p->rec == NULL) /* only while the collector tears a dead index down */
+            continue;
         double dx = p->x - s->qx;
         double dy = p->y - s->qy;
         double dz = p->z - s->qz;
