@@ -60,14 +60,20 @@ def dumps(obj: Any) -> bytes:
 
 
 _last_second: list[Any] = [None, ""]
+_iso_cache: dict[float, str] = {}
 
 
 def iso(ts: float | None) -> str | None:
     """Epoch seconds → RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T08:00:00.123Z``.
 
-    Hot (every time on the wire goes through it): the formatted second is cached."""
+    Hot: every time on the wire goes through it, and the same few times (the commit's, an
+    incident's deadlines) are rendered again for every frame that carries them — recent
+    answers and the formatted second are cached."""
     if ts is None:
         return None
+    got = _iso_cache.get(ts)
+    if got is not None:
+        return got
     sec = math.floor(ts)
     us = round((ts - sec) * 1e6)  # as datetime rounds it
     if us >= 1_000_000:
@@ -77,7 +83,11 @@ def iso(ts: float | None) -> str | None:
     if _last_second[0] != sec:
         _last_second[0] = sec
         _last_second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_last_second[1]}.{ms:03d}Z"
+    out = f"{_last_second[1]}.{ms:03d}Z"
+    if len(_iso_cache) >= 4096:
+        _iso_cache.clear()
+    _iso_cache[ts] = out
+    return out
 
 
 def parse_time(value: str | float | None) -> float | None:
