@@ -444,7 +444,7 @@ def render(runs: dict[str, list[Json]], extra: Json, info: Json,
       "thread's samples include moments it is runnable but waiting to take the GIL back from "
       "the event loop (`SqliteLog._run` at `self._queue.get()`).")
     w("")
-    for name in ("profile-reports", "profile-steady", "profile-ingest"):
+    for name in ("profile-reports", "profile-handled", "profile-steady", "profile-ingest"):
         if runs.get(name):
             w(profile_block(one(name)))
     w(limits_section(runs, s))

@@ -163,6 +163,11 @@ def scenarios(quick: bool) -> list[Scenario]:
                  what="dispatch-reports-dispatched again, with py-spy sampling the server "
                       "(collector tamed, so that its time is not smeared over allocation "
                       "sites)"),
+        Scenario("profile-handled", "profile: saturated report loop, handled on the spot",
+                 "dispatch", "1k", [*loop, "--handled-share", "1"], LIFTED, profile=True,
+                 server_args=gc_tuned,
+                 what="dispatch-reports-handled again, with py-spy sampling the server "
+                      "(collector tamed)"),
         Scenario("profile-ingest", "profile: position flood", "dispatch", "1k",
                  [*ingest[:ingest.index("--duration") + 1], "8",
                   *ingest[ingest.index("--duration") + 2:]], LIFTED, profile=True,
