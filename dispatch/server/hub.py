@@ -2,8 +2,10 @@
 
 Each event is encoded once and queued to the outbox of every screen whose scope it falls in (an
 incident's level-2 and level-1 grids; a responder's home grid's ancestors). The last
-``ring_size`` encoded events of each town are kept so a screen that reconnects with ``since`` is
-sent exactly what it missed; older than that, it gets a fresh snapshot.
+``ring_size`` events of each town are kept so a screen that reconnects with ``since`` is sent
+exactly what it missed; older than that, it gets a fresh snapshot. An event no screen was
+watching stays unencoded in the ring until a resuming screen needs it: with no screen up (or
+none on its scopes) the town writer builds no frames at all.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Screen:
 
 @dataclass(eq=False, slots=True)
 class _TownFeed:
-    ring: deque[tuple[int, tuple[str, ...], bytes]]
+    ring: deque[tuple[int, tuple[str, ...], bytes | Event]]
+    """(seq, scopes, frame) — or the event itself until some screen needs its frame."""
     screens: dict[str, set[Screen]] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
 
@@ -70,7 +73,7 @@ class Hub:
         f = self.feed(runner.town)
         f.ring.clear()
         for ev in events[-self.ring_size :]:
-            f.ring.append((ev.seq, self._scopes(runner.engine, ev), self._frame(ev)))
+            f.ring.append((ev.seq, self._scopes(runner.engine, ev), ev))
 
     def publish(self, runner: TownRunner, events: list[Event]) -> None:
         f = self.feed(runner.town)
@@ -78,12 +81,14 @@ class Hub:
         screens = f.screens
         for ev in events:
             scopes = self._scopes(engine, ev)
-            frame = self._frame(ev)
-            f.ring.append((ev.seq, scopes, frame))
-            if screens:
+            if screens and any(s in screens for s in scopes):
+                frame = self._frame(ev)
+                f.ring.append((ev.seq, scopes, frame))
                 for s in scopes:
                     for screen in screens.get(s, ()):
                         screen.outbox.send(frame)
+            else:  # nobody watches it now: encode it if a screen ever resumes past it
+                f.ring.append((ev.seq, scopes, ev))
 
     @staticmethod
     def _frame(ev: Event) -> bytes:
@@ -140,7 +145,11 @@ class Hub:
         if since is not None and since <= seq:
             ring = f.ring
             if since == seq or (ring and ring[0][0] <= since + 1):
-                missed = [fr for s, scopes, fr in ring if s > since and screen.scope in scopes]
+                missed = [
+                    fr if isinstance(fr, bytes) else self._frame(fr)
+                    for s, scopes, fr in ring
+                    if s > since and screen.scope in scopes
+                ]
                 if len(missed) < screen.outbox.limit // 2:
                     for fr in missed:
                         screen.outbox.send(fr)
