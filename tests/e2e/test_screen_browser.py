@@ -322,9 +322,12 @@ def test_grids_are_drawn(server: Any, town: Town, open_screen: Any) -> None:
     # Leaflet's canvas renderer really painted them: many non-transparent pixels
     painted = page.evaluate(PAINTED, "#map .leaflet-overlay-pane canvas")
     assert painted > 1000, f"grid canvas looks empty ({painted} painted samples)"
-    # and the names are written on the label canvas (the top one of the overlay)
-    labels = page.evaluate(PAINTED, "#map .dispatch-overlay canvas:last-child")
-    assert labels > 50, "no grid labels drawn"
+    # and the names are written on the label canvas (the top one of the overlay), which is
+    # painted on a later animation frame than the grids
+    deadline = time.monotonic() + 5
+    while page.evaluate(PAINTED, "#map .dispatch-overlay canvas:last-child") <= 50:
+        assert time.monotonic() < deadline, "no grid labels drawn"
+        time.sleep(0.1)
     if town.villages:
         village = sorted(town.villages)[0]
         vscreen = open_screen(server.token("operator", "e2e-op-v", village), scope=village)
