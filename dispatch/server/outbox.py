@@ -1,6 +1,7 @@
-"""One bounded outgoing queue and one writer task per websocket, so no sender ever waits on the
-slowest client (``websockets`` docs, "broadcast"). Frames are encoded once by the caller and
-queued as bytes; a client whose queue overflows is closed with 4008 and resumes with ``since``.
+"""One bounded outgoing queue per websocket, so no sender ever waits on the slowest client
+(``websockets`` docs, "broadcast"). Frames are encoded once by the caller and queued as bytes;
+a client whose queue overflows while its socket is backed up is closed with 4008 and resumes
+with ``since``.
 """
 
 from __future__ import annotations
@@ -50,12 +51,23 @@ def _raw_channel(
 
 
 class Outbox:
+    """Frames for one websocket, written in order, never making the sender wait.
+
+    On the raw channel (the usual case) :meth:`send` queues the frame and schedules one
+    :meth:`_flush` per connection and loop turn (``call_soon``): every frame queued by one
+    commit goes out in one ``transport.write``, with no task and no wake-up per frame. Only
+    while the socket is backed up (more than :data:`HIGH_WATER` bytes buffered) does a task wait
+    for it to drain. Without the raw channel a writer task sends frame by frame."""
+
     __slots__ = (
         "_blocked",
         "_closer",
         "_drained",
         "_frames",
+        "_loop",
         "_on_evict",
+        "_raw",
+        "_scheduled",
         "_task",
         "_wake",
         "closed",
@@ -69,7 +81,6 @@ class Outbox:
         self.ws = ws
         self.limit = limit
         self._frames: deque[bytes] = deque()
-        self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
         self._closer: asyncio.Task[bool] | None = None
@@ -77,7 +88,14 @@ class Outbox:
         """True while the socket is backed up: the client is not reading what it was sent."""
         self._on_evict = on_evict
         self.closed = False
-        self._task = asyncio.create_task(self._pump())
+        self._loop = asyncio.get_running_loop()
+        self._raw = _raw_channel(ws)
+        self._scheduled = False
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        if self._raw is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._pump())
 
     def send(self, frame: bytes) -> None:
         """Queue a text frame. Never blocks; evicts the client if it cannot keep up."""
@@ -88,8 +106,13 @@ class Outbox:
             self.evict()
             return
         self._frames.append(frame)
-        self._drained.clear()
-        self._wake.set()
+        if not queued:
+            self._drained.clear()
+        if self._wake is not None:
+            self._wake.set()
+        elif not self._scheduled and not self._blocked:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
 
     def evict(self) -> None:
         if self.closed:
@@ -103,42 +126,69 @@ class Outbox:
             self.ws.close(code=CLOSE_TOO_SLOW, message=b"too slow: resume with since")
         )
 
+    def _flush(self) -> None:
+        """Write what is queued (raw channel), in batches of :data:`BATCH` frames."""
+        self._scheduled = False
+        if self.closed or self._blocked or self._raw is None:
+            return
+        transport, _ = self._raw
+        frames = self._frames
+        if transport.is_closing():
+            self._gone()
+            return
+        while frames:
+            parts: list[bytes] = []
+            while frames and len(parts) < 2 * BATCH:
+                frame = frames.popleft()
+                parts.append(text_header(len(frame)))
+                parts.append(frame)
+            try:
+                transport.write(b"".join(parts))
+            except (ConnectionError, RuntimeError):
+                self._gone()
+                return
+            if transport.get_write_buffer_size() > HIGH_WATER:
+                self._blocked = True
+                self._task = asyncio.create_task(self._wait_drained())
+                return
+        self._drained.set()
+
+    async def _wait_drained(self) -> None:
+        assert self._raw is not None
+        try:
+            await self._raw[1]()
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            self._gone()
+            return
+        finally:
+            self._blocked = False
+        self._flush()
+
+    def _gone(self) -> None:
+        self.closed = True
+        self._frames.clear()
+        self._drained.set()
+
     async def _pump(self) -> None:
+        """Without the raw channel: one ``send_frame`` at a time."""
         frames = self._frames
         ws = self.ws
-        raw = _raw_channel(ws)
+        wake = self._wake
+        assert wake is not None
         try:
             while not self.closed:
                 if not frames:
                     self._drained.set()
-                    self._wake.clear()
-                    await self._wake.wait()
+                    wake.clear()
+                    await wake.wait()
                     continue
-                if raw is None:
-                    self._blocked = True
-                    try:
-                        await ws.send_frame(frames.popleft(), WSMsgType.TEXT)
-                    finally:
-                        self._blocked = False
-                    continue
-                transport, drain = raw
-                if transport.is_closing():
-                    raise ConnectionResetError("the connection is closing")
-                parts: list[bytes] = []
-                while frames and len(parts) < 2 * BATCH:
-                    frame = frames.popleft()
-                    parts.append(text_header(len(frame)))
-                    parts.append(frame)
-                transport.write(b"".join(parts))
-                if transport.get_write_buffer_size() > HIGH_WATER:
-                    self._blocked = True
-                    try:
-                        await drain()
-                    finally:
-                        self._blocked = False
+                self._blocked = True
+                try:
+                    await ws.send_frame(frames.popleft(), WSMsgType.TEXT)
+                finally:
+                    self._blocked = False
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
-            self.closed = True
-            self._drained.set()
+            self._gone()
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait (briefly) until everything queued was written, e.g. before a graceful close."""
@@ -148,7 +198,10 @@ class Outbox:
 
     async def aclose(self) -> None:
         self.closed = True
-        self._wake.set()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        if self._wake is not None:
+            self._wake.set()
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
