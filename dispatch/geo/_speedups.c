@@ -900,6 +900,11 @@ nearest(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (as_double(args[2], &s.lon) || as_double(args[3], &s.lat) || as_double(args[4], &s.fresh))
         return NULL;
+    if (!(s.lat >= -90.0 && s.lat <= 90.0 && s.lon >= -180.0 && s.lon <= 180.0)) {
+        /* cell arithmetic below assumes a point on the globe (and no NaN) */
+        PyErr_Format(PyExc_ValueError, "query point out of range: lon=%R lat=%R", args[2], args[3]);
+        return NULL;
+    }
     s.exclude = is_empty_container(args[5]) ? NULL : args[5];
     s.k = PyLong_AsSsize_t(args[6]);
     if (s.k == -1 && PyErr_Occurred())

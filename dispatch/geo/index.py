@@ -591,7 +591,11 @@ class CellIndex:
         exclude: Container[str] = (),
         k: int = 1,
     ) -> list[tuple[str, float]]:
-        """Up to ``k`` ``(responder id, metres)`` pairs, nearest first (ties: smaller id)."""
+        """Up to ``k`` ``(responder id, metres)`` pairs, nearest first (ties: smaller id).
+
+        Raises ``ValueError`` for impossible coordinates, as :meth:`move` does."""
+        if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+            raise ValueError(f"query point out of range: lon={lon!r} lat={lat!r}")
         if k <= 0:
             return []
         maps = self._maps

@@ -186,12 +186,16 @@ def test_reregister_replaces_pools_and_skills(speedups: bool) -> None:
     assert idx.nearest("q", LON0, LAT0, skill="fire", fresh_since=0.0) == []
 
 
-def test_rejects_impossible_positions() -> None:
-    idx = CellIndex()
-    for lon, lat in [(math.nan, 0.0), (0.0, 91.0), (181.0, 0.0), (0.0, math.inf)]:
+@both
+def test_rejects_impossible_positions_and_query_points(speedups: bool) -> None:
+    idx = make(("b", 0, 0, "*"), speedups=speedups)
+    for lon, lat in [(math.nan, 0.0), (0.0, 91.0), (181.0, 0.0), (0.0, math.inf), (1e300, 0.0)]:
         with pytest.raises(ValueError):
             idx.move("a", lon, lat, 0.0)
+        with pytest.raises(ValueError, match="out of range"):
+            idx.nearest("p", lon, lat, skill="x", fresh_since=0.0)
     assert idx.position("a") is None
+    assert near(idx, 0, 0) == ["b"]  # nothing else changed
 
 
 # -- against brute force at scale ---------------------------------------------------------------
