@@ -9,11 +9,11 @@ responder statuses are computed at scrape time from the engines (:class:`_StateC
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dispatch.engine.events import (
@@ -62,6 +62,54 @@ APPEND_BUCKETS = (
     0.5,
     1.0,
 )
+
+
+class _LoopChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    """A labelled counter for the event loop's hot paths (a message, an event): read at scrape.
+
+    prometheus_client's ``Counter`` takes a lock on every ``inc``; these counters are only
+    touched on the event loop's thread, so a plain add is exact and costs a fraction of that.
+    Exposed like a ``Counter`` (``<name>_total``), without the ``_created`` sample."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _LoopChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _LoopChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+            child = self._children[values] = _LoopChild()
+        return child
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(values, child.value)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
 
 
 class _StateCollector(Collector):
@@ -114,8 +162,8 @@ class Metrics:
         """``engines`` feeds the open-incident and responder gauges at scrape time; ``extra``
         yields further metric families (the governance statistics)."""
         r = self.registry = CollectorRegistry()
-        self.incidents = Counter(
-            "dispatch_incidents_reported", "Incidents reported", ["category", "source"], registry=r
+        self.incidents = LoopCounter(
+            "dispatch_incidents_reported", "Incidents reported", ["category", "source"], r
         )
         self.escalations = Counter(
             "dispatch_escalations",
@@ -123,7 +171,7 @@ class Metrics:
             ["reason", "from_level", "to_level"],
             registry=r,
         )
-        self.offers = Counter("dispatch_offers", "Offers by outcome", ["outcome"], registry=r)
+        self.offers = LoopCounter("dispatch_offers", "Offers by outcome", ["outcome"], r)
         self.report_to_offer = Histogram(
             "dispatch_report_to_offer_seconds",
             "From report to the first offer",
@@ -152,18 +200,16 @@ class Metrics:
         self.connections = Gauge(
             "dispatch_connections", "Open websocket connections by role", ["role"], registry=r
         )
-        self.messages = Counter(
-            "dispatch_messages_received", "Client messages received", ["channel"], registry=r
+        self.messages = LoopCounter(
+            "dispatch_messages_received", "Client messages received", ["channel"], r
         )
-        self.errors = Counter(
-            "dispatch_client_errors", "Errors sent to clients", ["code"], registry=r
-        )
+        self.errors = LoopCounter("dispatch_client_errors", "Errors sent to clients", ["code"], r)
         self.evictions = Counter(
             "dispatch_slow_consumers_closed",
             "Connections closed because they could not keep up",
             registry=r,
         )
-        self.events = Counter("dispatch_events", "Durable events by type", ["type"], registry=r)
+        self.events = LoopCounter("dispatch_events", "Durable events by type", ["type"], r)
         for role in ("field", "screen"):
             self.connections.labels(role)
         for outcome in ("offered", "accepted", "declined", "expired"):
