@@ -75,7 +75,7 @@ import time
 import tomllib
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
@@ -84,6 +84,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 Json = dict[str, Any]
 
@@ -185,10 +189,9 @@ class _LeanScreen(asyncio.Protocol):
     count 100,000 deliveries a second. Every text frame goes to ``on_frame``.
     """
 
-    def __init__(self, url: str, on_frame: Any) -> None:
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-
+    def __init__(
+        self, url: str, on_frame: Callable[[bytes | bytearray | memoryview], None]
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.proto = ClientProtocol(parse_uri(url), max_size=None)
         self.on_frame = on_frame
@@ -204,9 +207,6 @@ class _LeanScreen(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        from websockets.frames import Frame, Opcode
-        from websockets.http11 import Response
-
         proto = self.proto
         proto.receive_data(data)
         for ev in proto.events_received():
@@ -585,7 +585,7 @@ class _Worker:
         first: asyncio.Future[_ScreenFrame] = loop.create_future()
         last_seq: int | None = None
 
-        def on_frame(raw: bytes) -> None:
+        def on_frame(raw: bytes | bytearray | memoryview) -> None:
             nonlocal last_seq
             t = time.time()
             frame = _screen_decode(raw)
