@@ -69,7 +69,9 @@ class ConfigError(DispatchError):
 class Rejected(DispatchError):
     """A message or command that cannot be carried out; nothing was changed."""
 
-    def __init__(self, code: ErrorCode, message: str, *, message_id: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, message_id: str | int | None = None
+    ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message

@@ -26,7 +26,7 @@ from dispatch.server.hub import notice_frame
 from dispatch.server.limits import TokenBucket
 from dispatch.server.outbox import Outbox
 from dispatch.wire import messages as m
-from dispatch.wire.codec import decode_field, dumps, error_message, iso, parse_time
+from dispatch.wire.codec import decode_field, dumps, error_message, iso, message_id, parse_time
 from dispatch.wire.objects import incident_obj, responder_obj
 
 log = structlog.get_logger("dispatch.field")
@@ -139,6 +139,7 @@ async def _loop(
                 error_message(
                     "rate_limited",
                     f"Slow down: at most {s.rate:g} messages a second (bursts of {s.burst}).",
+                    message_id(msg.data),
                 )
             )
             ctx.metrics.errors.labels("rate_limited").inc()
@@ -168,7 +169,11 @@ async def _loop(
             outbox.send(dumps({"type": "pong", "id": message.id, "server_time": iso(now)}))
             continue
         if isinstance(message, m.Hello):
-            outbox.send(error_message("bad_message", "Already said hello on this connection."))
+            outbox.send(
+                error_message(
+                    "bad_message", "Already said hello on this connection.", message_id(msg.data)
+                )
+            )
             continue
         _command(ctx, outbox, runner, rid, message)
 

@@ -26,7 +26,7 @@ from dispatch.server.limits import TokenBucket
 from dispatch.server.outbox import Outbox
 from dispatch.server.town import TownRunner
 from dispatch.wire import messages as m
-from dispatch.wire.codec import decode_screen, dumps, error_message, iso
+from dispatch.wire.codec import decode_screen, dumps, error_message, iso, message_id
 
 log = structlog.get_logger("dispatch.screen")
 
@@ -135,7 +135,14 @@ async def _loop(
             if bucket.flooding(now):
                 await ws.close(code=CLOSE_FLOOD, message=b"too many messages")
                 break
-            outbox.send(error_message("rate_limited", "Slow down: too many messages."))
+            outbox.send(
+                error_message(
+                    "rate_limited",
+                    f"Slow down: at most {s.rate:g} messages a second (bursts of {s.burst}).",
+                    message_id(msg.data),
+                )
+            )
+            ctx.metrics.errors.labels("rate_limited").inc()
             continue
         try:
             message = decode_screen(msg.data)
@@ -147,7 +154,11 @@ async def _loop(
             outbox.send(dumps({"type": "pong", "id": message.id, "server_time": iso(now)}))
             continue
         if isinstance(message, m.Hello):
-            outbox.send(error_message("bad_message", "Already said hello on this connection."))
+            outbox.send(
+                error_message(
+                    "bad_message", "Already said hello on this connection.", message_id(msg.data)
+                )
+            )
             continue
         task = asyncio.create_task(_command(ctx, outbox, runner, principal, message))
         pending.add(task)

@@ -134,16 +134,44 @@ def _explain(kind: str, err: msgspec.ValidationError) -> str:
     return f"Invalid {kind}: {what}."
 
 
-def _message_id(raw: bytes | str) -> str | None:
+class _IdOnly(msgspec.Struct):
+    id: Any = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+MessageId = str | int
+"""A client message's ``id`` as the client wrote it (echoed back unchanged)."""
+
+
+def message_id(raw: bytes | str) -> MessageId | None:
+    """The ``id`` of a frame that will not be handled (bad, rate-limited, a second hello), so
+    its ``error`` can still carry it. Skips every other field, so it stays cheap on a flood."""
     try:
-        doc = _any_decoder.decode(raw)
-    except msgspec.DecodeError:
+        mid = _id_decoder.decode(raw).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if isinstance(doc, dict):
-        mid = doc.get("id")
-        if isinstance(mid, str | int) and not isinstance(mid, bool):
-            return str(mid)
+    if isinstance(mid, str | int) and not isinstance(mid, bool):
+        return mid
     return None
+
+
+class _HelloProbe(msgspec.Struct):
+    type: Any = None
+    token: Any = None
+
+
+_hello_probe = msgspec.json.Decoder(_HelloProbe)
+
+
+def hello_without_token(raw: bytes | str) -> bool:
+    """True for a ``hello`` that carries no string ``token``: a client that did not
+    authenticate (close 4401, as for a bad token), not a schema slip to answer and wait on."""
+    try:
+        probe = _hello_probe.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return probe.type == "hello" and not isinstance(probe.token, str)
 
 
 def _decode(
@@ -152,7 +180,7 @@ def _decode(
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as err:
-        mid = _message_id(raw)
+        mid = message_id(raw)
         doc = None
         with contextlib.suppress(msgspec.DecodeError):
             doc = _any_decoder.decode(raw)
@@ -197,7 +225,7 @@ def decode_intake(raw: bytes) -> IntakeReport:
         raise Rejected("bad_json", "The request body is not valid JSON.") from None
 
 
-def error_message(code: str, message: str, mid: str | None = None) -> bytes:
+def error_message(code: str, message: str, mid: MessageId | None = None) -> bytes:
     doc: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if mid is not None:
         doc["id"] = mid
