@@ -18,7 +18,7 @@ from dispatch.log.base import EventLog
 from dispatch.server.hub import Hub
 from dispatch.server.metrics import Metrics
 from dispatch.wire import messages as m
-from dispatch.wire.codec import error_message
+from dispatch.wire.codec import error_message, hello_without_token
 
 
 @dataclass(eq=False)
@@ -88,7 +88,9 @@ def ws_response(ctx: Context) -> web.WebSocketResponse:
     return web.WebSocketResponse(
         heartbeat=s.heartbeat,
         compress=False,
-        max_msg_size=s.max_message_bytes,
+        # aiohttp refuses a frame whose length is >= max_msg_size (one byte short of the limit
+        # the name promises); PROTOCOL.md allows frames of up to max_message_bytes.
+        max_msg_size=s.max_message_bytes + 1,
     )
 
 
@@ -118,6 +120,9 @@ async def receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) ->
         try:
             hello = decode(msg.data)
         except Rejected as rej:
+            if hello_without_token(msg.data):
+                await ws.close(code=CLOSE_UNAUTHORIZED, message=b"hello needs a token")
+                return None
             await ws.send_frame(
                 error_message(rej.code, rej.message, rej.message_id), WSMsgType.TEXT
             )
