@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from dispatch.engine.events import (
     Event,
@@ -40,6 +40,7 @@ from dispatch.engine.events import (
 from dispatch.engine.model import ResponderIndex, ResponderInfo, Town
 
 IncidentStatus = Literal["new", "offered", "assigned", "on_scene", "resolved", "closed"]
+INCIDENT_STATUSES: frozenset[str] = frozenset(get_args(IncidentStatus))
 ResponderStatusName = Literal["offline", "available", "offered", "assigned", "on_scene", "off_duty"]
 OPEN: frozenset[str] = frozenset({"new", "offered", "assigned", "on_scene", "resolved"})
 _ANY_OPEN = ("new", "offered", "assigned", "on_scene", "resolved")

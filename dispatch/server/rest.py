@@ -9,6 +9,7 @@ from aiohttp import web
 
 from dispatch.engine import commands as c
 from dispatch.engine.engine import Engine
+from dispatch.engine.state import INCIDENT_STATUSES
 from dispatch.errors import HTTP_STATUS, Rejected
 from dispatch.server.auth import Principal, verify
 from dispatch.server.context import Context
@@ -153,6 +154,12 @@ async def list_incidents(request: web.Request) -> web.Response:
     ctx: Context = request.app[Context.KEY]
     q = request.query
     statuses = set(q["status"].split(",")) if q.get("status") else None
+    if statuses is not None and not statuses <= INCIDENT_STATUSES:
+        raise Rejected(
+            "bad_message",
+            f"status {', '.join(sorted(statuses - INCIDENT_STATUSES))!r} is not an incident "
+            f"status; use {', '.join(sorted(INCIDENT_STATUSES))} (comma-separated).",
+        )
     try:
         level = int(q["level"]) if q.get("level") else None
         limit = min(int(q.get("limit", "100")), 1000)
@@ -161,7 +168,13 @@ async def list_incidents(request: web.Request) -> web.Response:
         raise Rejected(
             "bad_message", "level and limit must be integers, since an RFC 3339 time."
         ) from None
+    if level is not None and level not in (1, 2, 3):
+        raise Rejected("bad_message", f"level must be 1, 2 or 3, not {level}.")
+    if limit < 0:
+        raise Rejected("bad_message", f"limit must not be negative, not {limit}.")
     grid = q.get("grid")
+    if grid is not None:
+        _town_of_visible_grid(ctx, principal, grid)
     found = []
     for engine in _engines(ctx):
         cats = engine.town.categories
@@ -280,18 +293,18 @@ async def list_responders(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     principal = principal_of(request, VIEWERS)
     ctx: Context = request.app[Context.KEY]
-    scope = resolve_scope(ctx, principal, request.query.get("scope"))
-    town = ctx.town_of_grid(scope)
-    assert town is not None
+    wanted = request.query.get("scope") or principal.scope
+    if wanted is None:  # an admin without a scope: the first town, as on a screen
+        wanted = resolve_scope(ctx, principal, None)
+    town = _town_of_visible_grid(ctx, principal, wanted)
+    scope = wanted
     engine = ctx.runners[town].engine
     return json_response(compute_stats(engine, scope, ctx.clock.now(), ctx.hub.stats_config))
 
 
-async def safety(request: web.Request) -> web.Response:
-    """The safety index of one grid for the last ``days`` local days (today last)."""
-    principal = principal_of(request, VIEWERS)
-    ctx: Context = request.app[Context.KEY]
-    grid = request.match_info["grid"]
+def _town_of_visible_grid(ctx: Context, principal: Principal, grid: str) -> str:
+    """The town of ``grid``, which the caller names in a path or filter: 404 if there is no
+    such grid, 403 if it is outside the token's scope."""
     town = ctx.town_of_grid(grid)
     if town is None:
         raise Rejected("not_found", f"There is no grid {grid!r}.")
@@ -299,6 +312,15 @@ async def safety(request: web.Request) -> web.Response:
         principal.scope is None or not ctx.data.towns[town].in_subtree(grid, principal.scope)
     ):
         raise Rejected("forbidden", f"Grid {grid} is outside your scope.")
+    return town
+
+
+async def safety(request: web.Request) -> web.Response:
+    """The safety index of one grid for the last ``days`` local days (today last)."""
+    principal = principal_of(request, VIEWERS)
+    ctx: Context = request.app[Context.KEY]
+    grid = request.match_info["grid"]
+    town = _town_of_visible_grid(ctx, principal, grid)
     try:
         days = max(1, min(int(request.query.get("days", "30")), 366))
     except ValueError:
