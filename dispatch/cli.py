@@ -75,8 +75,31 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.role in ("operator", "monitor") and not args.scope:
         print("error: operator and monitor tokens need --scope GRID", file=sys.stderr)
         return 2
+    problem = _token_problem(settings, args.role, args.sub, args.scope)
+    if problem is not None:  # still minted: a token the server refuses is how 4403 is tested
+        print(f"warning: {problem}; the server will refuse this token", file=sys.stderr)
     print(mint(secret, role=args.role, sub=args.sub, scope=args.scope, ttl=ttl))
     return 0
+
+
+def _token_problem(settings: Any, role: str, sub: str, scope: str | None) -> str | None:
+    """What would make the server refuse this token at once (a scope that is no grid, a field
+    token for someone not in the roster), checked against the config's data files, if they can
+    be read (a token may be minted where only the secret is at hand)."""
+    from dispatch.config import load_data
+
+    if scope is None and role != "field":
+        return None
+    try:
+        data = load_data(settings)
+    except ConfigError as exc:
+        print(f"warning: not checked against the data files: {exc}", file=sys.stderr)
+        return None
+    if scope is not None and scope not in data.gridset.grids:
+        return f"--scope {scope!r} is not a grid of {settings.data.grids}"
+    if role == "field" and sub not in data.roster:
+        return f"--sub {sub!r} is not in the roster {settings.data.roster}"
+    return None
 
 
 def cmd_grids_check(args: argparse.Namespace) -> int:

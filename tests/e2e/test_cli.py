@@ -70,6 +70,16 @@ def test_token_command_mints_what_the_server_accepts(tmp_path: Path) -> None:
     assert (claims["role"], claims["sub"], claims["scope"]) == ("operator", "clerk", "V1")
     out = run("token", "--config", str(srv.config), "--role", "operator", "--sub", "clerk")
     assert out.returncode == 2 and "--scope" in out.stderr
+    # a token the server would refuse at once is minted (that is how 4403 is tested), with a
+    # warning naming what is wrong
+    out = run("token", "--config", str(srv.config), "--role", "operator", "--sub", "clerk",
+              "--scope", "NOPE")
+    assert out.returncode == 0 and "'NOPE' is not a grid" in out.stderr
+    assert jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])["scope"] == "NOPE"
+    out = run("token", "--config", str(srv.config), "--role", "field", "--sub", "nobody")
+    assert out.returncode == 0 and "'nobody' is not in the roster" in out.stderr
+    out = run("token", "--config", str(srv.config), "--role", "field", "--sub", "w1")
+    assert out.returncode == 0 and "warning" not in out.stderr
 
 
 @pytest.mark.asyncio
