@@ -154,8 +154,23 @@ async def test_bad_input_each_gets_its_code_and_the_connection_survives(
     r = await c.request({"type": "status", "status": "available"})
     assert r["type"] == "ack"
     assert c.closed_code is None
-    # a frame over the size limit closes with 1009
-    await c.send("x" * 70_000)
+    # the id is echoed as the client wrote it, also on a bad message and a second hello
+    await c.send({"type": "ping", "id": 7})
+    m = await c.wait_for(lambda m: m.get("id") == 7)
+    assert m["type"] == "error" and m["code"] == "bad_message" and "id" in m["message"], m
+    await c.send({"type": "report", "id": 8, "category": "fire_hazard"})
+    m = await c.wait_for(lambda m: m["type"] == "error" and m.get("id") == 8)
+    assert m["code"] == "bad_message"
+    await c.send({"type": "hello", "id": "h2", "token": "x"})
+    m = await c.wait_for(lambda m: m["type"] == "error" and m.get("id") == "h2")
+    assert m["code"] == "bad_message" and "hello" in m["message"]
+    # a frame of exactly 64 KiB is allowed; one byte more closes with 1009
+    frame = json.dumps({"type": "ping", "id": "big", "pad": ""})
+    frame = frame.replace('"pad": ""', '"pad": "' + "x" * (65_536 - len(frame)) + '"')
+    assert len(frame.encode()) == 65_536
+    await c.send(frame)
+    assert (await c.wait_for(lambda m: m.get("id") == "big"))["type"] == "pong"
+    await c.send(frame.replace('"pad": "', '"pad": "x'))
     assert await c.closed() == 1009
 
 
@@ -173,6 +188,15 @@ async def test_hello_must_come_first_and_in_time(tmp_path: Path) -> None:
         c = await Client.connect(srv.ws + "/ws/field")
         await c.send({"type": "hello", "token": token("field", "nobody")})
         assert await c.closed() == 4403
+        # a hello without a (string) token did not authenticate: 4401 at once, on both channels
+        for path, hello in (
+            ("/ws/field", {"type": "hello"}),
+            ("/ws/field", {"type": "hello", "token": 123}),
+            ("/ws/screen", {"type": "hello", "scope": "T0"}),
+        ):
+            c = await Client.connect(srv.ws + path)
+            await c.send(hello)
+            assert await c.closed(timeout=0.9) == 4401, (path, hello)
     finally:
         srv.stop()
 
@@ -356,7 +380,21 @@ async def test_rest_auth_intake_and_filters(server: ServerProcess) -> None:
     assert st == 400 and doc["code"] == "bad_json"
     v1 = token("operator", "v1clerk", scope="V1")
     st, _, doc = server.get("/api/incidents?grid=V2B", v1)
+    assert st == 403 and doc["code"] == "forbidden" and "V2B" in doc["detail"]
+    st, _, doc = server.get("/api/incidents?grid=V1B", v1)
     assert st == 200 and doc == []
+    # a filter value that can match nothing is a mistake the caller should hear about
+    for query, code, mentions in (
+        ("status=bogus", "bad_message", "bogus"),
+        ("status=new,clsoed", "bad_message", "clsoed"),
+        ("level=7", "bad_message", "level"),
+        ("limit=-1", "bad_message", "limit"),
+        ("grid=NOPE", "not_found", "NOPE"),
+    ):
+        st, _, doc = server.get(f"/api/incidents?{query}", op)
+        assert st in (404, 422) and doc["code"] == code and mentions in doc["detail"], (query, doc)
+    st, _, doc = server.get("/api/incidents?status=new,closed", op)
+    assert st == 200
     st, _, doc = server.get("/api/incidents?grid=V2B&level=1", op)
     assert st == 200 and all(i["level"] == 1 for i in doc)
     st, _, doc = server.get("/api/responders", v1)
@@ -365,6 +403,13 @@ async def test_rest_auth_intake_and_filters(server: ServerProcess) -> None:
     assert st == 200 and doc["scope"] == "V1"
     st, _, doc = server.get("/api/stats?scope=T0", v1)
     assert st == 403
+    # a basic grid's statistics, for its own operator or anyone above it
+    st, _, doc = server.get("/api/stats?scope=V1A", v1)
+    assert st == 200 and doc["scope"] == "V1A"
+    st, _, doc = server.get("/api/stats", token("operator", "v1a", scope="V1A"))
+    assert st == 200 and doc["scope"] == "V1A"
+    st, _, doc = server.get("/api/stats?scope=NOPE", op)
+    assert st == 404 and doc["code"] == "not_found"
 
 
 async def test_metrics_need_a_token_and_pass_promtool(server: ServerProcess) -> None:
@@ -392,9 +437,37 @@ async def test_rate_limit_answers_rate_limited_without_closing(server: ServerPro
         await c.send({"type": "ping", "id": f"p{i}"})
     err = await c.wait_for(lambda m: m["type"] == "error", timeout=5)
     assert err["code"] == "rate_limited"
+    assert err["id"].startswith("p"), "a refused message is still answered with its id"
+    answered = await c.wait_for(lambda m: m.get("id") == "p149", timeout=5)
+    assert answered["type"] == "error" and answered["code"] == "rate_limited"
     await asyncio.sleep(1.0)
     r = await c.request({"type": "status", "status": "available"})
     assert r["type"] == "ack" and c.closed_code is None
+
+
+async def test_sustained_flooding_is_closed_4429(tmp_path: Path) -> None:
+    """A client that keeps sending faster than its limit (some messages always pass as the bucket
+    refills) is closed once it has been over the limit for flood_close_after; a burst is not."""
+    srv = ServerProcess(tmp_path, extra='flood_close_after = "2s"')
+    srv.start()
+    try:
+        calm = await field(srv, "w1", (113.005, 22.605))
+        for i in range(120):  # one burst over the limit, then quiet
+            await calm.send({"type": "ping", "id": f"b{i}"})
+        await calm.wait_for(lambda m: m.get("id") == "b119")
+        flood = await field(srv, "w2", (113.015, 22.615))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while flood.closed_code is None and loop.time() - start < 6:
+            with contextlib.suppress(Exception):
+                await flood.send({"type": "ping", "id": "f"})
+            await asyncio.sleep(0.01)  # 100 a second against a limit of 20
+        assert await flood.closed() == 4429
+        assert 1.5 < loop.time() - start < 6
+        r = await calm.request({"type": "status", "status": "available"})
+        assert r["type"] == "ack" and calm.closed_code is None
+    finally:
+        srv.stop()
 
 
 async def test_graceful_shutdown_closes_with_1001(tmp_path: Path) -> None:
