@@ -16,9 +16,11 @@ from dispatch.clock import Clock
 from dispatch.errors import Rejected
 from dispatch.log.base import EventLog
 from dispatch.server.hub import Hub
+from dispatch.server.limits import TokenBucket
 from dispatch.server.metrics import Metrics
+from dispatch.server.outbox import Outbox
 from dispatch.wire import messages as m
-from dispatch.wire.codec import error_message, hello_without_token
+from dispatch.wire.codec import error_message, hello_without_token, message_id
 
 
 @dataclass(eq=False)
@@ -138,3 +140,28 @@ async def receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) ->
             )
             continue
         return hello
+
+
+async def refuse_over_limit(
+    ctx: Context,
+    ws: web.WebSocketResponse,
+    outbox: Outbox,
+    bucket: TokenBucket,
+    data: Any,
+    now: float,
+) -> bool:
+    """A message the bucket refused (PROTOCOL.md "Errors"), on either channel: answer it
+    ``rate_limited`` with its id, or close 4429 once the client is flooding. True when closed."""
+    if bucket.flooding(now):
+        await ws.close(code=CLOSE_FLOOD, message=b"too many messages")
+        return True
+    s = ctx.settings.server
+    outbox.send(
+        error_message(
+            "rate_limited",
+            f"Slow down: at most {s.rate:g} messages a second (bursts of {s.burst}).",
+            message_id(data),
+        )
+    )
+    ctx.metrics.errors.labels("rate_limited").inc()
+    return False

@@ -13,12 +13,12 @@ from dispatch.engine.engine import Engine
 from dispatch.errors import Rejected
 from dispatch.server.auth import Principal, verify
 from dispatch.server.context import (
-    CLOSE_FLOOD,
     CLOSE_FORBIDDEN,
     CLOSE_UNAUTHORIZED,
     Context,
     check_origin,
     receive_hello,
+    refuse_over_limit,
     ws_response,
 )
 from dispatch.server.hub import Screen
@@ -132,17 +132,8 @@ async def _loop(
         received.inc()
         now = ctx.clock.now()
         if not bucket.take(now):
-            if bucket.flooding(now):
-                await ws.close(code=CLOSE_FLOOD, message=b"too many messages")
+            if await refuse_over_limit(ctx, ws, outbox, bucket, msg.data, now):
                 break
-            outbox.send(
-                error_message(
-                    "rate_limited",
-                    f"Slow down: at most {s.rate:g} messages a second (bursts of {s.burst}).",
-                    message_id(msg.data),
-                )
-            )
-            ctx.metrics.errors.labels("rate_limited").inc()
             continue
         try:
             message = decode_screen(msg.data)
