@@ -90,6 +90,12 @@ class LogUnavailable(LogError):
     """The log cannot be reached or cannot make an append durable right now."""
 
 
+class LogLost(LogUnavailable):
+    """The store holds fewer events of a town than this process already saw durable: it lost
+    acknowledged data (a Redis restarted without its append-only file, say). Nothing more is
+    acknowledged for that town until the data is back or the server is restarted."""
+
+
 class SeqConflict(LogError):
     """An append did not continue the town's gapless sequence."""
 

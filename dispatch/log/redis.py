@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
@@ -76,7 +77,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.typing import EncodableT
 
-from dispatch.errors import Fenced, LogUnavailable, SeqConflict
+from dispatch.errors import Fenced, LogLost, LogUnavailable, SeqConflict
 from dispatch.log.base import EventLog, Record
 from dispatch.log.memory import check_after, check_batch
 
@@ -91,6 +92,8 @@ __all__ = [
     "connect_cluster",
     "town_key",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: A single Redis or a Redis Cluster: RedisLog and Lease work with either.
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
@@ -316,6 +319,10 @@ class RedisLog(EventLog):
         self._idle.set()
         self._turns: dict[str, _Turn] = {}
         self._append_script = LuaScript(APPEND_SCRIPT)
+        self._seen: dict[str, int] = {}
+        """Per town, the highest seq this object has seen durable (appended or read)."""
+        self._lost: dict[str, str] = {}
+        """Towns whose stream is behind ``_seen``, with what to tell the operator."""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisLog:
@@ -338,6 +345,36 @@ class RedisLog(EventLog):
         if self._closed:
             raise LogUnavailable("redis: the event log is closed")
 
+    def _saw(self, town: str, head: int, *, complete: bool = True) -> None:
+        """Record that ``town``'s stream reaches ``head``. With ``complete``, ``head`` is the
+        stream's end: a head below what was seen durable before means Redis lost acknowledged
+        events (restarted without its AOF, flushed, failed over to a replica that lagged), and
+        the town refuses everything until the events are back, rather than handing their seqs
+        and incident ids out again."""
+        seen = self._seen.get(town, 0)
+        if head >= seen:
+            self._seen[town] = head
+            if self._lost.pop(town, None) is not None:
+                logger.warning("redis: town %r: the lost events are back (head %d)", town, head)
+            return
+        if not complete:
+            return
+        message = (
+            f"redis: town {town!r} has events up to seq {head} only, but this server already "
+            f"saw seq {seen} durable: Redis lost acknowledged events (is it running with "
+            "appendonly yes and appendfsync always?). Nothing more is acknowledged for this "
+            "town: restore Redis's data, or restart this server to carry on from what Redis holds"
+        )
+        if town not in self._lost:
+            logger.error("! %s", message)
+        self._lost[town] = message
+        raise LogLost(message)
+
+    def _check_not_lost(self, town: str) -> None:
+        message = self._lost.get(town)
+        if message is not None:
+            raise LogLost(message)
+
     async def append(
         self, town: str, records: Sequence[Record], *, epoch: int | None = None
     ) -> list[int]:
@@ -349,6 +386,7 @@ class RedisLog(EventLog):
         conflict = check_batch(town, records, records[0].seq - 1)
         if conflict is not None:
             raise conflict
+        self._check_not_lost(town)
         keys = [town_key(town, "events"), town_key(town, "epoch")]
         args: list[bytes | str | int] = ["" if epoch is None else str(epoch), records[0].seq]
         args.extend(record.data for record in records)
@@ -376,9 +414,11 @@ class RedisLog(EventLog):
                 f"town {town!r}: epoch {epoch} is stale (current epoch {current or 'unset'})"
             )
         if status == _CONFLICT:
+            self._saw(town, int(value))
             raise SeqConflict(
                 f"town {town!r}: append starts at seq {records[0].seq}, expected {int(value) + 1}"
             )
+        self._saw(town, records[-1].seq)
         return [record.seq for record in records]
 
     async def read(self, town: str, after: int = 0, limit: int | None = None) -> list[Record]:
@@ -395,16 +435,24 @@ class RedisLog(EventLog):
             page = _records(entries)
             out.extend(page)
             if len(page) < count:
-                break
+                if out:
+                    self._saw(town, out[-1].seq)
+                elif after < self._seen.get(town, 0):
+                    self._saw(town, after)  # the stream ends at or before `after`
+                return out
             after = out[-1].seq
+        if out:
+            self._saw(town, out[-1].seq, complete=False)
         return out
 
     async def last_seq(self, town: str) -> int:
         self._check_open()
         try:
-            return int(await self.client.xlen(town_key(town, "events")))
+            head = int(await self.client.xlen(town_key(town, "events")))
         except REDIS_ERRORS as exc:
             raise _unavailable(f"last_seq of {town!r}", exc) from exc
+        self._saw(town, head)
+        return head
 
     async def follow(self, town: str, after: int) -> AsyncIterator[Record]:
         self._check_open()
@@ -424,6 +472,7 @@ class RedisLog(EventLog):
                             f"redis: town {town!r} stream jumps from seq {after} to {record.seq}"
                         )
                     after = record.seq
+                    self._saw(town, after, complete=False)
                     yield record
 
     async def _xread(self, key: str, after: int) -> Any:
@@ -452,6 +501,8 @@ class RedisLog(EventLog):
                 await client.ping()
         except REDIS_ERRORS as exc:
             raise _unavailable("ping", exc) from exc
+        for message in self._lost.values():
+            raise LogLost(message)
 
     async def close(self) -> None:
         if self._closed:

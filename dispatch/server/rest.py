@@ -10,7 +10,7 @@ from aiohttp import web
 from dispatch.engine import commands as c
 from dispatch.engine.engine import Engine
 from dispatch.engine.state import INCIDENT_STATUSES
-from dispatch.errors import HTTP_STATUS, Rejected
+from dispatch.errors import HTTP_STATUS, LogError, Rejected
 from dispatch.server.auth import Principal, verify
 from dispatch.server.context import Context
 from dispatch.server.limits import TokenBucket
@@ -124,6 +124,15 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"event log unreachable: {err}")
     if not ctx.ready:
         problems.append("a town is not loaded")
+    node = ctx.node
+    if node is not None and not problems:  # distributed: a town nobody owns answers nothing
+        for town in sorted(ctx.runners):
+            try:
+                if await node.lease.owner(town) is None:
+                    problems.append(f"town {town}: no instance holds its lease yet")
+            except LogError as err:
+                problems.append(f"event log unreachable: {err}")
+                break
     if problems:
         return json_response({"status": "not ready", "problems": problems}, status=503)
     return json_response({"status": "ready", "towns": sorted(ctx.runners)})

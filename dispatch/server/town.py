@@ -73,6 +73,7 @@ class TownRunner:
     healthy: bool = field(init=False, default=False)
     _inbox: asyncio.Queue[_Item] = field(init=False)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _stopped: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self._inbox = asyncio.Queue()
@@ -115,6 +116,11 @@ class TownRunner:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        # Whoever still holds this runner (a cluster slot while the town changes hands) gets
+        # `unavailable` at once instead of waiting on an inbox nobody reads.
+        self._stopped = True
+        self.healthy = False
+        self._fail_queued()
 
     # ------------------------------------------------------------------ API for handlers
 
@@ -133,11 +139,16 @@ class TownRunner:
         """:meth:`submit` without a coroutine: the future resolves once durable. The hot path
         (one per client message) uses it with a done-callback instead of a task."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._stopped:
+            fut.set_exception(_unavailable())
+            return fut
         self._inbox.put_nowait(_Item(command, fut, after))
         return fut
 
     async def query(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` at a quiet point: everything before it is durable and published."""
+        if self._stopped:
+            raise _unavailable()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inbox.put_nowait(_Item(None, fut, query=fn))
         return await fut

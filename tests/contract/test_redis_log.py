@@ -7,6 +7,7 @@ stop or kill it get a private server (``private_redis``).
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator
 
@@ -15,7 +16,7 @@ import redis
 from redis.crc import key_slot
 
 from dispatch.cluster.lease import Lease
-from dispatch.errors import Fenced, LogUnavailable, SeqConflict
+from dispatch.errors import Fenced, LogLost, LogUnavailable, SeqConflict
 from dispatch.log import Record, RedisLog
 from dispatch.log.redis import connect, town_key
 from tests.contract import MS
@@ -255,3 +256,45 @@ async def test_a_lease_on_a_stopped_redis_is_unavailable(private_redis: RedisSer
         assert await lease.epoch("t") == 1  # the epoch is in the AOF too
     finally:
         await client.aclose()
+
+
+async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
+    private_redis: RedisServer,
+) -> None:
+    """Redis restarted without its data (no AOF, a flush, a lagging replica promoted): the events
+    this log had acknowledged are gone. Carrying on would hand their seqs, and the incident ids
+    made from them, out a second time; the town is refused instead, and ping says why."""
+    log = RedisLog.from_url(private_redis.url, block_ms=200)
+    try:
+        await log.append("t", numbered(1, 3))
+        await log.append("quiet", numbered(1, 1))
+        private_redis.kill()
+        shutil.rmtree(private_redis.directory / "appendonlydir")
+        private_redis.start()
+        with pytest.raises(LogUnavailable):  # the connection to the killed server
+            await log.ping()
+        await log.ping()  # nothing read yet: nothing known to be lost
+        with pytest.raises(LogLost, match="seq 3 durable"):
+            await log.read("t")
+        with pytest.raises(LogLost):
+            await log.append("t", numbered(1, 1))  # what a rebuilt writer would try
+        with pytest.raises(LogLost):
+            await log.append("t", numbered(4, 1))
+        with pytest.raises(LogLost, match="appendonly yes"):
+            await log.ping()
+        with pytest.raises(LogLost):
+            await log.last_seq("t")
+        with pytest.raises(LogLost):  # a town this log never read since is caught on its append
+            await log.append("quiet", numbered(2, 1))
+        # the operator restores the data: the towns are served again
+        raw = connect(private_redis.url)
+        for town, count in (("t", 3), ("quiet", 1)):
+            for r in numbered(1, count):
+                await raw.xadd(town_key(town, "events"), {"d": r.data}, id=f"{r.seq}-0")
+        await raw.aclose()
+        assert await log.read("t") == numbered(1, 3)
+        assert await log.read("quiet") == numbered(1, 1)
+        await log.ping()
+        assert await log.append("t", numbered(4, 1)) == [4]
+    finally:
+        await log.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 import urllib.request
 import uuid
@@ -224,6 +225,56 @@ async def test_redis_outage_answers_unavailable_and_recovers(
         assert ready(a) == 200
         st, _, doc = a.get("/api/incidents", token("admin", "a"))
         assert len(doc) == 2  # the one before and the one after; nothing half-written
+    finally:
+        a.stop()
+
+
+async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
+    tmp_path: Path, redis_srv: RedisServer
+) -> None:
+    """Redis restarted without its data: what was acknowledged is gone from the store. The server
+    must not carry on from the empty stream (handing the same incident ids out again): it stays
+    not ready, names the problem, and answers `unavailable` until the data is back."""
+    (a,) = make_cluster(tmp_path, redis_srv.url, 1)
+    try:
+        w3 = await field(a, "w3", (113.005, 22.635))
+        acked = []
+        for i in range(3):
+            ok = await w3.request(
+                {"type": "report", "id": f"r{i}", "category": "sanitation",
+                 "lon": 113.006, "lat": 22.606, "handled": True}
+            )  # fmt: skip
+            assert ok["type"] == "ack"
+            acked.append(ok["incident"])
+        redis_srv.kill()
+        shutil.rmtree(redis_srv.directory / "appendonlydir")
+        redis_srv.start()
+        deadline = time.monotonic() + 15
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(a.http + "/readyz", timeout=2) as resp:
+                    body = resp.read().decode()
+            except urllib.error.HTTPError as e:  # type: ignore[attr-defined]
+                body = e.read().decode()
+                if "lost acknowledged events" in body:
+                    break
+            await asyncio.sleep(0.3)
+        assert "lost acknowledged events" in body, body
+        r = await w3.request(
+            {"type": "report", "id": "after", "category": "sanitation",
+             "lon": 113.006, "lat": 22.606, "handled": True},
+            timeout=15,
+        )  # fmt: skip
+        assert r["type"] == "error" and r["code"] == "unavailable", r
+        await asyncio.sleep(2 * 0.5 + 2)  # a few lease rounds: still refused, nothing reused
+        assert ready(a) == 503
+        r = await w3.request(
+            {"type": "report", "id": "later", "category": "sanitation",
+             "lon": 113.006, "lat": 22.606, "handled": True},
+            timeout=15,
+        )  # fmt: skip
+        assert r["type"] == "error" and r["code"] == "unavailable", r
     finally:
         a.stop()
 
