@@ -71,7 +71,11 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     secret = settings.require_secret()
-    ttl = parse_duration(args.ttl) if args.ttl else settings.auth.default_ttl
+    try:
+        ttl = parse_duration(args.ttl) if args.ttl else settings.auth.default_ttl
+    except ValueError as exc:
+        print(f"error: --ttl: {exc}", file=sys.stderr)
+        return 2
     if args.role in ("operator", "monitor") and not args.scope:
         print("error: operator and monitor tokens need --scope GRID", file=sys.stderr)
         return 2

@@ -24,12 +24,13 @@ Rules:
   ``true/false/1/0/yes/no/on/off``, lists comma-separated, tables ``k=v,k=v``; an empty value
   unsets an optional key (``auth.secret``, ``server.static_dir``).
 * Relative paths in the file are relative to the file's folder; relative paths from the
-  environment are relative to the working directory. A relative sqlite path in ``[store] url``
-  (``sqlite:///dispatch.db``) is relative to the config file's folder
-  (:attr:`StoreSettings.base_dir`) whether it came from the file or the environment. ``~`` is
+  environment are relative to the working directory. That holds for a relative sqlite path in
+  ``[store] url`` (``sqlite:///dispatch.db``) too (:attr:`StoreSettings.base_dir`): a service
+  whose config lives in ``/etc`` keeps its log in its working directory. ``~`` is
   expanded.
-* ``[auth] secret`` may be absent when loading (tools that need no tokens); if present it must be at
-  least 16 characters. :meth:`Settings.require_secret` is what ``serve`` and ``token`` call.
+* ``[auth] secret`` may be absent when loading (tools that need no tokens); one shorter than 16
+  characters is accepted with a warning (PROTOCOL.md's own example is ``change-me``).
+  :meth:`Settings.require_secret` is what ``serve`` and ``token`` call.
 """
 
 from __future__ import annotations
@@ -622,7 +623,8 @@ def settings_from_dict(
             default = getattr(DataSettings(), key)
             values["data"][key] = default if default.is_absolute() else base / default
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items() if name != "store"}
-    sections["store"] = StoreSettings(**values["store"], base_dir=base)
+    store_from_env = origin.get(("store", "url"), "").startswith("environment ")
+    sections["store"] = StoreSettings(**values["store"], base_dir=cwd if store_from_env else base)
 
     def source_of(section: str, key: str) -> str:
         return origin.get((section, key), "default")

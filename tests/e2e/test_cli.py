@@ -80,6 +80,9 @@ def test_token_command_mints_what_the_server_accepts(tmp_path: Path) -> None:
     assert out.returncode == 0 and "'nobody' is not in the roster" in out.stderr
     out = run("token", "--config", str(srv.config), "--role", "field", "--sub", "w1")
     assert out.returncode == 0 and "warning" not in out.stderr
+    out = run("token", "--config", str(srv.config), "--role", "admin", "--sub", "a", "--ttl", "5x")
+    assert out.returncode == 2 and "--ttl: '5x' is not a duration" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.asyncio

@@ -194,8 +194,10 @@ def test_environment_paths_are_relative_to_the_working_directory(
         cfg, {"DISPATCH_DATA_ROSTER": "r.csv", "DISPATCH_STORE_URL": "sqlite:///x.db"}
     )
     assert s.data.roster == tmp_path / "run" / "r.csv"
-    # the sqlite path is always relative to the config file's folder
-    assert s.store.sqlite_path == tmp_path / "etc" / "x.db"
+    # the sqlite path too: a service whose config lives in /etc keeps its log where it runs
+    assert s.store.sqlite_path == tmp_path / "run" / "x.db"
+    s = load_settings(cfg, {"DISPATCH_STORE_URL": "sqlite:////abs/x.db"})
+    assert s.store.sqlite_path == Path("/abs/x.db")
 
 
 @pytest.mark.parametrize(
