@@ -79,7 +79,7 @@ def check_origin(request: web.Request, ctx: Context) -> None:
     if urlsplit(origin).netloc == request.host:
         return
     raise web.HTTPForbidden(
-        text='{"type":"about:blank","title":"Forbidden","status":403,"code":"forbidden",'
+        text='{"type":"/errors/forbidden","title":"Forbidden","status":403,"code":"forbidden",'
         f'"detail":"Origin {origin} is not allowed; add it to [server] allowed_origins."}}',
         content_type="application/problem+json",
     )

@@ -46,7 +46,13 @@ def problem(code: str, detail: str, status: int | None = None) -> web.Response:
         "detail": detail,
         "code": code,
     }
-    headers = {"WWW-Authenticate": 'Bearer realm="dispatch"'} if status == 401 else None
+    headers = (
+        {"WWW-Authenticate": 'Bearer realm="dispatch"'}
+        if status == 401
+        else {"Retry-After": "1"}
+        if code == "rate_limited"
+        else None
+    )
     return web.Response(
         body=dumps(body), status=status, content_type="application/problem+json", headers=headers
     )
@@ -68,7 +74,14 @@ async def problem_middleware(request: web.Request, handler: Any) -> web.StreamRe
             405: "bad_message",
             413: "too_large",
         }.get(exc.status, "bad_message")
-        return problem(code, exc.reason or exc.text or code, exc.status)
+        detail = exc.reason or exc.text or code
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            detail = f"{request.method} is not allowed on {request.path}; use {allowed}."
+        elif exc.status == 413:
+            limit = request.app[Context.KEY].settings.server.max_message_bytes
+            detail = f"The request body is larger than the limit of {limit:,} bytes."
+        return problem(code, detail, exc.status)
 
 
 def principal_of(request: web.Request, roles: frozenset[str] | None = None) -> Principal:
@@ -78,7 +91,8 @@ def principal_of(request: web.Request, roles: frozenset[str] | None = None) -> P
         raise Rejected("unauthorized", "Send 'Authorization: Bearer <token>'.")
     principal = verify(ctx.settings.auth.secret, header[7:].strip())
     if roles is not None and principal.role not in roles:
-        raise Rejected("forbidden", f"A {principal.role} token may not use this endpoint.")
+        article = "An" if principal.role[:1] in "aeiou" else "A"
+        raise Rejected("forbidden", f"{article} {principal.role} token may not use this endpoint.")
     return principal
 
 

@@ -356,6 +356,12 @@ async def test_rest_auth_intake_and_filters(server: ServerProcess) -> None:
     assert st == 401 and "problem+json" in ctype and doc["code"] == "unauthorized"
     st, ctype, doc = server.get("/api/incidents", token("field", "w1"))
     assert st == 403 and doc["code"] == "forbidden"
+    st, _, doc = server.get("/metrics", token("operator", "clerk", scope="T0"))
+    assert st == 403 and doc["detail"] == "An operator token may not use this endpoint."
+    st, _, doc = server.post("/api/grids", {}, token("admin", "a"))
+    assert st == 405 and doc["code"] == "bad_message" and "use GET" in doc["detail"], doc
+    st, _, doc = server.post("/api/incidents", b"x" * 70_000, token("admin", "a"))
+    assert st == 413 and doc["code"] == "too_large" and "65,536 bytes" in doc["detail"], doc
     op = token("operator", "clerk", scope="T0")
     st, _, doc = server.post(
         "/api/incidents",
