@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import WSCloseCode, web
+from prometheus_client.core import GaugeMetricFamily
 
 from dispatch.clock import Clock, SystemClock
 from dispatch.cluster.node import ClusterNode, instance_id
@@ -59,9 +60,24 @@ def create_app(
 
     def stats_families() -> list[Any]:
         now = clock.now()
-        return metric_families(
-            [s for r in runners.values() for s in prometheus_samples(r.engine, now, stats_config)]
+        ready = GaugeMetricFamily(
+            "dispatch_town_ready",
+            "1 while the town's engine is loaded and its log accepts appends (0: the town "
+            "answers unavailable; /readyz says why)",
+            labels=["town"],
         )
+        for town, r in sorted(runners.items()):
+            ready.add_metric([town], 1.0 if r.healthy else 0.0)
+        return [
+            ready,
+            *metric_families(
+                [
+                    s
+                    for r in runners.values()
+                    for s in prometheus_samples(r.engine, now, stats_config)
+                ]
+            ),
+        ]
 
     metrics = Metrics(engines=lambda: [r.engine for r in runners.values()], extra=stats_families)
     hub = Hub(metrics, stats_config=stats_config)

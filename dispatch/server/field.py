@@ -99,7 +99,13 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
         try:
             await runner.submit(c.Connect(rid), after=welcome)
         except Rejected as rej:
-            await ws.send_frame(error_message(rej.code, rej.message), WSMsgType.TEXT)
+            message = rej.message
+            if rej.code == "unavailable":
+                message = (
+                    "This device cannot be signed in right now: the server cannot record it "
+                    "(event log unavailable). Reconnect in a few seconds."
+                )
+            await ws.send_frame(error_message(rej.code, message), WSMsgType.TEXT)
             await ws.close(code=1011, message=b"could not register the device; retry")
             return
         log.info("field connected", responder=rid, town=town)

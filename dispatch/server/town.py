@@ -140,7 +140,7 @@ class TownRunner:
         (one per client message) uses it with a done-callback instead of a task."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._stopped:
-            fut.set_exception(_unavailable())
+            fut.set_exception(_not_serving())
             return fut
         self._inbox.put_nowait(_Item(command, fut, after))
         return fut
@@ -148,7 +148,7 @@ class TownRunner:
     async def query(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` at a quiet point: everything before it is durable and published."""
         if self._stopped:
-            raise _unavailable()
+            raise _not_serving()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inbox.put_nowait(_Item(None, fut, query=fn))
         return await fut
@@ -287,6 +287,14 @@ class TownRunner:
 
 def _unavailable() -> Rejected:
     return Rejected("unavailable", "The change could not be made durable right now; retry shortly.")
+
+
+def _not_serving() -> Rejected:
+    return Rejected(
+        "unavailable",
+        "This town is not served here right now (changing hands, or its event log is "
+        "unavailable); retry shortly.",
+    )
 
 
 def _add_timeline(timelines: dict[str, list[Event]], ev: Event) -> None:

@@ -428,6 +428,8 @@ async def test_metrics_need_a_token_and_pass_promtool(server: ServerProcess) -> 
     text = body.decode() if isinstance(body, bytes) else str(body)
     assert 'dispatch_incidents_reported_total{category="sanitation",source="field"} 1.0' in text
     assert 'dispatch_connections{role="field"} 1.0' in text
+    assert 'dispatch_town_ready{town="T0"} 1.0' in text
+    assert "_created" not in text
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool is missing: apt-get install prometheus")
