@@ -199,12 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_replay)
 
     d = sub.add_parser("demo", help="run the demo town with simulated devices")
-    d.add_argument("--port", type=int, default=8080)
-    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument(
+        "--port", type=int, default=8080, help="port of the server and wall screen (8080)"
+    )
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     d.add_argument("--dir", default=None, help="working folder (default ./var/demo)")
     d.add_argument("--devices", type=int, default=None, help="simulated devices (default all)")
-    d.add_argument("--rate", type=float, default=1.0, help="reports per second, town-wide")
-    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--rate", type=float, default=1.0, help="reports per second, town-wide (1)")
+    d.add_argument("--seed", type=int, default=7, help="seed of the simulated patrols (7)")
     d.add_argument("--fresh", action="store_true", help="start from an empty event log")
     d.set_defaults(func=cmd_demo)
 
