@@ -345,23 +345,27 @@ class RedisLog(EventLog):
         if self._closed:
             raise LogUnavailable("redis: the event log is closed")
 
-    def _saw(self, town: str, head: int, *, complete: bool = True) -> None:
-        """Record that ``town``'s stream reaches ``head``. With ``complete``, ``head`` is the
-        stream's end: a head below what was seen durable before means Redis lost acknowledged
-        events (restarted without its AOF, flushed, failed over to a replica that lagged), and
-        the town refuses everything until the events are back, rather than handing their seqs
-        and incident ids out again."""
+    def _saw(self, town: str, head: int, floor: int | None = None) -> None:
+        """Record that ``town``'s stream reaches ``head``.
+
+        ``floor`` is what this object had seen durable when it sent the command that found
+        ``head`` as the stream's end (``None``: ``head`` is only a lower bound, a page of a longer
+        read or a followed record). A stream that ends below its floor lost acknowledged events
+        (Redis restarted without its AOF, flushed, failed over to a replica that lagged), and the
+        town refuses everything until the events are back, rather than handing their seqs and
+        incident ids out again. The floor, not the latest value, because an append that lands
+        while a read is on its way is rightly missing from that read."""
         seen = self._seen.get(town, 0)
         if head >= seen:
             self._seen[town] = head
             if self._lost.pop(town, None) is not None:
                 logger.warning("redis: town %r: the lost events are back (head %d)", town, head)
             return
-        if not complete:
+        if floor is None or head >= floor:
             return
         message = (
             f"redis: town {town!r} has events up to seq {head} only, but this server already "
-            f"saw seq {seen} durable: Redis lost acknowledged events (is it running with "
+            f"saw seq {floor} durable: Redis lost acknowledged events (is it running with "
             "appendonly yes and appendfsync always?). Nothing more is acknowledged for this "
             "town: restore Redis's data, or restart this server to carry on from what Redis holds"
         )
@@ -387,6 +391,7 @@ class RedisLog(EventLog):
         if conflict is not None:
             raise conflict
         self._check_not_lost(town)
+        floor = self._seen.get(town, 0)
         keys = [town_key(town, "events"), town_key(town, "epoch")]
         args: list[bytes | str | int] = ["" if epoch is None else str(epoch), records[0].seq]
         args.extend(record.data for record in records)
@@ -414,7 +419,7 @@ class RedisLog(EventLog):
                 f"town {town!r}: epoch {epoch} is stale (current epoch {current or 'unset'})"
             )
         if status == _CONFLICT:
-            self._saw(town, int(value))
+            self._saw(town, int(value), floor)
             raise SeqConflict(
                 f"town {town!r}: append starts at seq {records[0].seq}, expected {int(value) + 1}"
             )
@@ -425,6 +430,7 @@ class RedisLog(EventLog):
         self._check_open()
         check_after(after, limit)
         key = town_key(town, "events")
+        floor = self._seen.get(town, 0)
         out: list[Record] = []
         while limit is None or len(out) < limit:
             count = self._page if limit is None else min(self._page, limit - len(out))
@@ -436,22 +442,23 @@ class RedisLog(EventLog):
             out.extend(page)
             if len(page) < count:
                 if out:
-                    self._saw(town, out[-1].seq)
-                elif after < self._seen.get(town, 0):
-                    self._saw(town, after)  # the stream ends at or before `after`
+                    self._saw(town, out[-1].seq, floor)
+                elif after < floor:
+                    self._saw(town, after, floor)  # the stream ends at or before `after`
                 return out
             after = out[-1].seq
         if out:
-            self._saw(town, out[-1].seq, complete=False)
+            self._saw(town, out[-1].seq)
         return out
 
     async def last_seq(self, town: str) -> int:
         self._check_open()
+        floor = self._seen.get(town, 0)
         try:
             head = int(await self.client.xlen(town_key(town, "events")))
         except REDIS_ERRORS as exc:
             raise _unavailable(f"last_seq of {town!r}", exc) from exc
-        self._saw(town, head)
+        self._saw(town, head, floor)
         return head
 
     async def follow(self, town: str, after: int) -> AsyncIterator[Record]:
@@ -472,7 +479,7 @@ class RedisLog(EventLog):
                             f"redis: town {town!r} stream jumps from seq {after} to {record.seq}"
                         )
                     after = record.seq
-                    self._saw(town, after, complete=False)
+                    self._saw(town, after)
                     yield record
 
     async def _xread(self, key: str, after: int) -> Any:

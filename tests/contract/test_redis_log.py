@@ -298,3 +298,33 @@ async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
         assert await log.append("t", numbered(4, 1)) == [4]
     finally:
         await log.close()
+
+
+async def test_reads_racing_appends_never_look_like_lost_events(redis_url: str) -> None:
+    """A read that Redis answered just before an append landed may come back after that append
+    was acknowledged: its shorter stream is no loss."""
+    log = RedisLog.from_url(redis_url, block_ms=200)
+    town = f"race-{time.monotonic_ns()}"
+    done = False
+
+    async def writer() -> None:
+        nonlocal done
+        for seq in range(1, 301):
+            await log.append(town, numbered(seq, 1))
+        done = True
+
+    async def reader() -> int:
+        reads = 0
+        while not done:
+            await log.read(town)
+            await log.last_seq(town)
+            reads += 1
+        return reads
+
+    try:
+        results = await asyncio.gather(writer(), *(reader() for _ in range(4)))
+        assert sum(r for r in results if r) > 50
+        await log.ping()
+        assert await log.last_seq(town) == 300
+    finally:
+        await log.close()
