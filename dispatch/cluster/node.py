@@ -241,13 +241,15 @@ class ClusterNode:
             sink=self.ctx.hub,
             bus=self.bus,
         )
+        delay = 0.5
         while True:
             try:
                 await follower.load(previous)
                 break
             except LogError as err:
                 log.warning("cannot load the town yet", town=slot.town, error=str(err))
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         slot.role = follower
         follower.start()
 
