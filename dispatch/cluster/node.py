@@ -136,7 +136,7 @@ class ClusterNode:
             slot = TownSlot(town, self)
             self.slots[town] = slot
             self.ctx.runners[town] = slot
-            await self._become_follower(slot)
+            await self._become_follower(slot, wait=True)
         await self._tick()
         self._task = asyncio.create_task(self._loop(), name="cluster-node")
         self._flusher = asyncio.create_task(self._flush_loop(), name="positions-out")
@@ -219,7 +219,12 @@ class ClusterNode:
             metrics=self.ctx.metrics,
             epoch=epoch,
         )
-        n = await runner.load(previous)
+        try:
+            n = await runner.load(previous)
+        except LogError:  # let go of the town: the next tick (here or elsewhere) tries again
+            with contextlib.suppress(LogError):
+                await self.lease.release(slot.town, self.instance)
+            raise
         slot.role = runner
         slot.epoch = epoch
         slot.presence = {}
@@ -230,7 +235,10 @@ class ClusterNode:
         await self._announce_local(slot)
         log.info("took the lease: owner now", town=slot.town, epoch=epoch, events=n)
 
-    async def _become_follower(self, slot: TownSlot) -> None:
+    async def _become_follower(self, slot: TownSlot, *, wait: bool = False) -> None:
+        """Follow the town. Without ``wait`` one attempt: if the town cannot be loaded, its
+        stopped role answers `unavailable` and the next tick tries again, so one town whose log
+        is unreadable (or lost events) does not hold up the leases of the others."""
         previous = slot.role.engine if slot.role is not None else None
         await self._stop_role(slot)
         slot.epoch = None
@@ -248,6 +256,8 @@ class ClusterNode:
                 break
             except LogError as err:
                 log.warning("cannot load the town yet", town=slot.town, error=str(err))
+                if not wait:
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         slot.role = follower

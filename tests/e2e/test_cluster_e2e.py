@@ -247,6 +247,8 @@ async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
             assert ok["type"] == "ack"
             acked.append(ok["incident"])
         redis_srv.kill()
+        backup = tmp_path / "backup"
+        shutil.copytree(redis_srv.directory / "appendonlydir", backup)
         shutil.rmtree(redis_srv.directory / "appendonlydir")
         redis_srv.start()
         deadline = time.monotonic() + 15
@@ -275,6 +277,23 @@ async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
             timeout=15,
         )  # fmt: skip
         assert r["type"] == "error" and r["code"] == "unavailable", r
+        # the operator restores Redis's data: the town is served again, with fresh ids
+        redis_srv.kill()
+        shutil.rmtree(redis_srv.directory / "appendonlydir")
+        shutil.copytree(backup, redis_srv.directory / "appendonlydir")
+        redis_srv.start()
+        deadline = time.monotonic() + 20
+        while ready(a) != 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+        assert ready(a) == 200
+        r = await w3.request(
+            {"type": "report", "id": "restored", "category": "sanitation",
+             "lon": 113.006, "lat": 22.606, "handled": True},
+            timeout=15,
+        )  # fmt: skip
+        assert r["type"] == "ack" and r["incident"] not in acked, r
+        st, _, doc = a.get("/api/incidents", token("admin", "a"))
+        assert st == 200 and {i["id"] for i in doc} == {*acked, r["incident"]}
     finally:
         a.stop()
 
