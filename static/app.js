@@ -151,7 +151,7 @@ function start(token) {
         const seq = msg.seq ?? ev.seq;
         ev.seq = seq;
         if (store.lastSeq == null) break; // waiting for the snapshot
-        const c = store.check(seq);
+        const c = store.check(seq, typeof msg.prev === 'number' ? msg.prev : null);
         if (c === 'duplicate') { store.duplicates++; break; }
         if (c === 'gap') {
           // Resume with `since`; if the same gap comes straight back, ask for a fresh snapshot.

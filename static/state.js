@@ -58,11 +58,13 @@ export class Store {
   /**
    * Seq bookkeeping for one `event` message. Returns 'apply', 'duplicate' or 'gap'.
    * A fresh store (no snapshot yet) accepts nothing: the caller must wait for a snapshot.
+   * `prev` is the seq of the scope's previous event: a village screen sees the town's seqs
+   * with holes (other villages' events), so a gap is prev > last, not seq > last + 1.
    */
-  check(seq) {
+  check(seq, prev) {
     if (this.lastSeq == null) return 'gap';
     if (seq <= this.lastSeq) return 'duplicate';
-    if (seq !== this.lastSeq + 1) return 'gap';
+    if (prev != null ? prev > this.lastSeq : seq !== this.lastSeq + 1) return 'gap';
     return 'apply';
   }
 

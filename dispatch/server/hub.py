@@ -1,7 +1,8 @@
 """Fan-out: durable events to wall screens, notices to field devices, coalesced positions.
 
-Each event is encoded once and queued to the outbox of every screen whose scope it falls in (an
-incident's level-2 and level-1 grids; a responder's home grid's ancestors). The last
+Each event is encoded once per screen scope it falls in (an incident's level-2 and level-1
+grids; a responder's home grid's ancestors) that some screen watches, and queued to the outbox of
+every such screen; the frames differ only in ``prev``, the scope's previous event. The last
 ``ring_size`` events of each town are kept so a screen that reconnects with ``since`` is sent
 exactly what it missed; older than that, it gets a fresh snapshot. An event no screen was
 watching stays unencoded in the ring until a resuming screen needs it: with no screen up (or
@@ -43,11 +44,49 @@ class Screen:
 
 
 @dataclass(eq=False, slots=True)
+class _Published:
+    """One event in a town's resume ring, with its frame for each scope once some screen of that
+    scope needed it (``prevs[i]`` belongs to ``scopes[i]``)."""
+
+    seq: int
+    scopes: tuple[str, ...]
+    prevs: tuple[int, ...]
+    event: Event
+    frames: dict[str, bytes] | None = None
+
+    def frame(self, scope: str) -> bytes:
+        frames = self.frames
+        if frames is None:
+            frames = self.frames = {}
+        frame = frames.get(scope)
+        if frame is None:
+            frame = frames[scope] = event_frame(self.event, self.prevs[self.scopes.index(scope)])
+        return frame
+
+
+@dataclass(eq=False, slots=True)
 class _TownFeed:
-    ring: deque[tuple[int, tuple[str, ...], bytes | Event]]
-    """(seq, scopes, frame) — or the event itself until some screen needs its frame."""
+    ring: deque[_Published]
     screens: dict[str, set[Screen]] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
+    last: dict[str, int] = field(default_factory=dict)
+    """Per scope, the seq of the last event published in it (the next one's ``prev``)."""
+
+    def add(self, ev: Event, scopes: tuple[str, ...]) -> _Published:
+        last = self.last
+        prevs = tuple([last.get(s, 0) for s in scopes])
+        for s in scopes:
+            last[s] = ev.seq
+        published = _Published(ev.seq, scopes, prevs, ev)
+        self.ring.append(published)
+        return published
+
+
+def event_frame(ev: Event, prev: int) -> bytes:
+    """An ``event`` frame. ``prev`` is the seq of the previous event in the same screen scope: a
+    village screen sees the town's seqs with holes (other villages' events), so it finds a gap
+    by ``prev`` > the last seq it applied, not by seq > last + 1."""
+    return dumps({"type": "event", "seq": ev.seq, "prev": prev, "event": event_wire(ev)})
 
 
 class Hub:
@@ -72,27 +111,24 @@ class Hub:
         self.runners[runner.town] = runner
         f = self.feed(runner.town)
         f.ring.clear()
+        f.last.clear()
         for ev in events[-self.ring_size :]:
-            f.ring.append((ev.seq, self._scopes(runner.engine, ev), ev))
+            f.add(ev, self._scopes(runner.engine, ev))
 
     def publish(self, runner: TownRunner, events: list[Event]) -> None:
         f = self.feed(runner.town)
         engine = runner.engine
         screens = f.screens
         for ev in events:
-            scopes = self._scopes(engine, ev)
-            if screens and any(s in screens for s in scopes):
-                frame = self._frame(ev)
-                f.ring.append((ev.seq, scopes, frame))
-                for s in scopes:
-                    for screen in screens.get(s, ()):
+            published = f.add(ev, self._scopes(engine, ev))
+            if not screens:  # nobody watches: encoded if a screen ever resumes past it
+                continue
+            for s in published.scopes:
+                subs = screens.get(s)
+                if subs:
+                    frame = published.frame(s)
+                    for screen in subs:
                         screen.outbox.send(frame)
-            else:  # nobody watches it now: encode it if a screen ever resumes past it
-                f.ring.append((ev.seq, scopes, ev))
-
-    @staticmethod
-    def _frame(ev: Event) -> bytes:
-        return dumps({"type": "event", "seq": ev.seq, "event": event_wire(ev)})
 
     @staticmethod
     def _scopes(engine: Engine, ev: Event) -> tuple[str, ...]:
@@ -144,12 +180,9 @@ class Hub:
         mode = "snapshot"
         if since is not None and since <= seq:
             ring = f.ring
-            if since == seq or (ring and ring[0][0] <= since + 1):
-                missed = [
-                    fr if isinstance(fr, bytes) else self._frame(fr)
-                    for s, scopes, fr in ring
-                    if s > since and screen.scope in scopes
-                ]
+            if since == seq or (ring and ring[0].seq <= since + 1):
+                scope = screen.scope
+                missed = [p.frame(scope) for p in ring if p.seq > since and scope in p.scopes]
                 if len(missed) < screen.outbox.limit // 2:
                     for fr in missed:
                         screen.outbox.send(fr)

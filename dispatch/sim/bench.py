@@ -164,6 +164,7 @@ class _ScreenEvent(msgspec.Struct):
 class _ScreenFrame(msgspec.Struct):
     type: str
     seq: int | None = None
+    prev: int | None = None
     event: _ScreenEvent | None = None
 
 
@@ -603,7 +604,10 @@ class _Worker:
             if last_seq is not None:
                 if frame.seq <= last_seq:
                     c.screen_disorder += 1
-                elif whole and frame.seq != last_seq + 1:
+                elif (
+                    frame.prev > last_seq if frame.prev is not None
+                    else whole and frame.seq != last_seq + 1
+                ):
                     c.screen_gaps += 1
             last_seq = frame.seq
             ev = frame.event
@@ -1121,7 +1125,7 @@ def table(result: Json) -> str:
         f"reports sent {c['reports_sent']:,} acked {c['reports_acked']:,} failed "
         f"{c['reports_failed']:,} shed {c['shed']:,}; offers {c['offers']:,} (re-offers "
         f"{c['reoffers']}), accepts {c['accepts']:,}, resolves {c['resolves']:,}; "
-        f"screen seq gaps {c['screen_gaps']} (town screens), out of order {c['screen_disorder']}"
+        f"screen seq gaps {c['screen_gaps']}, out of order {c['screen_disorder']}"
     )
     errs = result["errors"]
     lines.append("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(errs.items())) or "none"))

@@ -108,7 +108,7 @@ def scenario_block(r: Json) -> str:
         f"Devices up {f(c.get('connected'), 0)}/{f(c.get('devices'), 0)}, screens "
         f"{f(c.get('screens_up'), 0)}/{f(c.get('screens'), 0)}, reports sent "
         f"{f(c.get('reports_sent'), 0)}, failed {f(c.get('reports_failed'), 0)}, shed "
-        f"{f(c.get('shed'), 0)}; screen seq gaps {f(c.get('screen_gaps'), 0)} (town screens), out of "
+        f"{f(c.get('shed'), 0)}; screen seq gaps {f(c.get('screen_gaps'), 0)}, out of "
         f"order {f(c.get('screen_disorder'), 0)}; errors: "
         + (", ".join(f"`{k}` {v}" for k, v in sorted((b.get("errors") or {}).items()))
            or "none") + ".",

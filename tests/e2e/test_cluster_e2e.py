@@ -282,8 +282,9 @@ async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
         shutil.rmtree(redis_srv.directory / "appendonlydir")
         shutil.copytree(backup, redis_srv.directory / "appendonlydir")
         redis_srv.start()
-        deadline = time.monotonic() + 20
-        while ready(a) != 200 and time.monotonic() < deadline:
+        for _ in range(60):
+            if ready(a) == 200:
+                break
             await asyncio.sleep(0.3)
         assert ready(a) == 200
         r = await w3.request(

@@ -351,6 +351,47 @@ async def test_screen_resume_with_since_has_no_gap_and_no_duplicate(server: Serv
     await odd.wait_for(lambda m: m["type"] == "snapshot")
 
 
+def chained(events: list[dict[str, object]], last: int) -> bool:
+    """Every event's `prev` is the seq received before it (or, first, at most `last`)."""
+    for m in events:
+        prev, seq = m["prev"], m["seq"]
+        assert isinstance(prev, int) and isinstance(seq, int)
+        if prev > last or seq <= prev:
+            return False
+        last = seq
+    return True
+
+
+async def test_village_screen_chains_its_events_by_prev(server: ServerProcess) -> None:
+    """A village screen gets only its village's events, so the town's seqs arrive with holes;
+    `prev` (the scope's previous event) lets it tell a hole from a lost event, live and on
+    resume."""
+    w1 = await field(server, "w1", (113.005, 22.605))
+    village = await screen(server, scope="V1")
+    town = await screen(server, scope="T0")
+    snap = await village.wait_for(lambda m: m["type"] == "snapshot")
+    await town.wait_for(lambda m: m["type"] == "snapshot")
+    for pos in (V2B, V1A, V2B, V1A):
+        inc = await report(w1, category="sanitation", pos=pos, handled=True)
+    await village.wait_for(event_is("incident.closed", inc))
+    await town.wait_for(event_is("incident.closed", inc))
+    v_events = [m for m in village.seen if m["type"] == "event"]
+    t_events = [m for m in town.seen if m["type"] == "event"]
+    assert chained(v_events, snap["seq"])
+    assert any(b["seq"] > a["seq"] + 1 for a, b in zip(v_events, v_events[1:], strict=False))
+    assert all(m["prev"] == m["seq"] - 1 for m in t_events)
+    assert {m["event"]["grids"]["2"] for m in v_events if "grids" in m["event"]} == {"V1"}
+    last = v_events[-1]["seq"]
+    await village.close()
+    for pos in (V2B, V1A):
+        inc = await report(w1, category="sanitation", pos=pos, handled=True)
+    again = await screen(server, scope="V1", since=last)
+    await again.wait_for(event_is("incident.closed", inc))
+    replayed = [m for m in again.seen if m["type"] == "event"]
+    assert "snapshot" not in {m["type"] for m in again.seen}
+    assert replayed and chained(replayed, last)
+
+
 async def test_rest_auth_intake_and_filters(server: ServerProcess) -> None:
     st, ctype, doc = server.get("/api/incidents")
     assert st == 401 and "problem+json" in ctype and doc["code"] == "unauthorized"

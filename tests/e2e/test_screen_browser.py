@@ -374,6 +374,37 @@ def test_reported_incident_appears_within_one_second(
     assert len(seqs) == len(set(seqs))
 
 
+def test_village_screen_applies_live_events_between_other_villages_events(
+    server: Any, town: Town, open_screen: Any, fields: list[Field]
+) -> None:
+    """A village screen sees the town's seqs with holes (other villages' events): it must apply
+    each of its own events live, without taking the holes for gaps and resyncing."""
+    parent = {gid: f["properties"]["parent"] for gid, f in town.features.items()}
+    workers = town.grid_workers()
+    village = parent[workers[0]["home_grid"]]
+    inside = workers[0]
+    outside = next(w for w in workers if parent[w["home_grid"]] != village)
+    page = open_screen(server.token("operator", "e2e-op-v", village), scope=village).page
+    before = _state(page)
+    for w in (outside, inside, outside, inside):
+        f = Field(server, w["id"])
+        fields.append(f)
+        lon, lat = town.point_in(w["home_grid"])
+        f.position(lon, lat)
+        iid = f.report(town.categories_for(w), lon, lat)
+        if w is inside:
+            _wait(
+                page,
+                f"!!window.__dispatch.store.incident({json.dumps(iid)})",
+                2.0,
+                "the village's new incident on its screen",
+            )
+    after = _state(page)
+    assert after["events"] > before["events"]
+    assert after["gaps"] == before["gaps"] == 0, after
+    assert after["snapshots"] == before["snapshots"] and after["reconnects"] == 0, after
+
+
 def test_operator_assigns_from_the_screen(
     server: Any, town: Town, open_screen: Any, fields: list[Field]
 ) -> None:
