@@ -200,7 +200,12 @@ export class IncidentCard {
 
   transferDialog(inc) {
     const body = el('div', { class: 'depts' });
-    for (const [code, zh, en] of DEPARTMENTS) {
+    // Only the departments the town's roster has (a transfer to any other is refused).
+    const known = this.store.departments;
+    const depts = known == null ? DEPARTMENTS : known.map(
+      (code) => DEPARTMENTS.find((d) => d[0] === code) || [code, code, code],
+    );
+    for (const [code, zh, en] of depts) {
       body.append(el('button', {
         type: 'button', class: `dept${inc.department === code ? ' current' : ''}`, dataset: { department: code },
         onclick: () => { this.dialog.close(); this.send(inc, 'transfer', { department: code }, `${t('act_transfer')} ${lang === 'en' ? en : zh}`); },

@@ -24,6 +24,7 @@ export class Store {
     this.responders = new Map();
     this.stats = null;
     this.lastEscalation = new Map(); // incident id → {reason, from_level, to_level, at}
+    this.departments = null;      // codes the town's roster has (snapshot), null: not told
   }
 
   on(fn) { this.listeners.add(fn); return () => this.listeners.delete(fn); }
@@ -37,6 +38,7 @@ export class Store {
     this.snapshots++;
     this.scope = msg.scope ?? null;
     this.lastSeq = typeof msg.seq === 'number' ? msg.seq : null;
+    this.departments = Array.isArray(msg.departments) ? msg.departments : null;
     for (const inc of msg.incidents || []) {
       const x = normaliseIncident(inc);
       if (x.status === 'closed') this.rememberClosed(x); else this.incidents.set(x.id, x);

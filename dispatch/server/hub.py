@@ -223,6 +223,7 @@ class Hub:
             "server_time": iso(now),
             "incidents": incidents,
             "responders": responders,
+            "departments": sorted(engine.departments),
             "stats": compute_stats(engine, scope, now, self.stats_config),
         }
 

@@ -482,6 +482,15 @@ def test_operator_assigns_from_the_screen(
         3,
         "the screen to show the assignment",
     )
+    # the transfer dialog offers exactly the departments the town's roster has
+    page.click("#card [data-action=transfer]")
+    _wait(page, "!!document.querySelector('#dialog .dept')", 5, "the department list")
+    offered = page.evaluate(
+        "[...document.querySelectorAll('#dialog .dept')].map(b => b.dataset.department)"
+    )
+    roster = {r["department"] for r in town.responders if r.get("department")}
+    assert roster and sorted(offered) == sorted(roster), (offered, roster)
+    page.keyboard.press("Escape")
 
 
 def test_banner_while_down_and_catch_up_after_restart(
