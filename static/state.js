@@ -220,9 +220,19 @@ function normaliseIncident(inc) {
 }
 
 /** Open incidents that came up from lower levels (level < 3), oldest first. */
+/**
+ * What the command centre must act on, most pressing first: overdue cases, then the town's own
+ * (level 1) before the villages', then by priority, the nearest deadline, the oldest report. The
+ * wall shows as many rows as fit, so a level-1 case is never hidden behind level-2 ones.
+ */
 export function escalationQueue(store) {
   const out = [];
   for (const inc of store.incidents.values()) if (inc.level < 3) out.push(inc);
-  out.sort((a, b) => (ms(a.reported_at) ?? 0) - (ms(b.reported_at) ?? 0));
+  const key = (i) => [i.overdue ? 0 : 1, i.level, i.priority ?? 4, ms(i.deadline) ?? Infinity, ms(i.reported_at) ?? 0];
+  out.sort((a, b) => {
+    const ka = key(a); const kb = key(b);
+    for (let n = 0; n < ka.length; n++) if (ka[n] !== kb[n]) return ka[n] < kb[n] ? -1 : 1;
+    return String(a.id).localeCompare(String(b.id));
+  });
   return out;
 }

@@ -405,6 +405,28 @@ def test_village_screen_applies_live_events_between_other_villages_events(
     assert after["snapshots"] == before["snapshots"] and after["reconnects"] == 0, after
 
 
+def test_escalation_queue_puts_what_the_town_must_do_first(
+    server: Any, town: Town, open_screen: Any
+) -> None:
+    page = open_screen(server.token("operator", "e2e-op", town.town_id)).page
+    order = page.evaluate(
+        """import('/static/state.js').then(({ escalationQueue }) => {
+          const inc = (id, level, extra) => [id, { id, level, priority: 3,
+            reported_at: '2026-11-22T01:00:00.000Z', deadline: '2026-11-22T09:00:00.000Z',
+            ...extra }];
+          const store = { incidents: new Map([
+            inc('old-village', 2, { reported_at: '2026-11-21T01:00:00.000Z' }),
+            inc('town', 1, {}),
+            inc('town-urgent', 1, { priority: 1 }),
+            inc('village-overdue', 2, { overdue: true }),
+            inc('basic', 3, {}),
+          ]) };
+          return escalationQueue(store).map((i) => i.id);
+        })"""
+    )
+    assert order == ["village-overdue", "town-urgent", "town", "old-village"]
+
+
 def test_operator_assigns_from_the_screen(
     server: Any, town: Town, open_screen: Any, fields: list[Field]
 ) -> None:
