@@ -165,3 +165,21 @@ async def refuse_over_limit(
     )
     ctx.metrics.errors.labels("rate_limited").inc()
     return False
+
+
+def close_when_expired(ctx: Context, ws: web.WebSocketResponse, exp: float) -> asyncio.TimerHandle:
+    """PROTOCOL.md: an expired token closes the websocket with 4401, also mid-session: a wall
+    screen left signed in, or a device whose token was not renewed, stops acting with it. Cancel
+    the handle when the session ends."""
+    loop = asyncio.get_running_loop()
+
+    def close() -> None:
+        if not ws.closed:
+            task = loop.create_task(ws.close(code=CLOSE_UNAUTHORIZED, message=b"token expired"))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+    return loop.call_later(max(0.0, exp - ctx.clock.now()), close)
+
+
+_closing: set[asyncio.Task[bool]] = set()

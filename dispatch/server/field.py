@@ -18,6 +18,7 @@ from dispatch.server.context import (
     CLOSE_UNAUTHORIZED,
     Context,
     check_origin,
+    close_when_expired,
     receive_hello,
     refuse_over_limit,
     ws_response,
@@ -95,6 +96,7 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
         )
         welcome_sent = True
 
+    expiry = close_when_expired(ctx, ws, principal.exp)
     try:
         try:
             await runner.submit(c.Connect(rid), after=welcome)
@@ -111,6 +113,7 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
         log.info("field connected", responder=rid, town=town)
         await _loop(ctx, ws, outbox, runner, rid, town)
     finally:
+        expiry.cancel()
         ctx.metrics.connections.labels("field").dec()
         left = ctx.hub.remove_device(rid, outbox) if welcome_sent else 0
         await outbox.aclose()

@@ -17,6 +17,7 @@ from dispatch.server.context import (
     CLOSE_UNAUTHORIZED,
     Context,
     check_origin,
+    close_when_expired,
     receive_hello,
     refuse_over_limit,
     ws_response,
@@ -97,6 +98,7 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
     outbox = Outbox(ws, ctx.settings.server.queue_limit, on_evict=ctx.metrics.evictions.inc)
     screen = Screen(outbox, town, scope, principal)
     ctx.metrics.connections.labels("screen").inc()
+    expiry = close_when_expired(ctx, ws, principal.exp)
     try:
         try:
             mode = await runner.query(
@@ -109,6 +111,7 @@ async def _session(ctx: Context, ws: web.WebSocketResponse) -> None:
         log.info("screen connected", user=principal.sub, scope=scope, mode=mode, since=hello.since)
         await _loop(ctx, ws, outbox, runner, principal)
     finally:
+        expiry.cancel()
         ctx.hub.detach_screen(screen)
         ctx.metrics.connections.labels("screen").dec()
         await outbox.aclose()

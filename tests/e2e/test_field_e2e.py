@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import shutil
 import subprocess
@@ -201,6 +202,21 @@ async def test_hello_must_come_first_and_in_time(tmp_path: Path) -> None:
         srv.stop()
 
 
+async def test_a_token_that_expires_mid_session_closes_4401(server: ServerProcess) -> None:
+    """An expired token closes the websocket (PROTOCOL.md "Auth"), also one that expires while
+    connected: a wall screen left signed in stops acting with it."""
+    scr = await Client.connect(server.ws + "/ws/screen")
+    await scr.send({"type": "hello", "token": token("operator", "op", scope="T0", ttl=2)})
+    await scr.wait_for(lambda m: m["type"] == "snapshot")
+    dev = await Client.connect(server.ws + "/ws/field")
+    await dev.send({"type": "hello", "token": token("field", "w1", ttl=2)})
+    await dev.wait_for(lambda m: m["type"] == "welcome")
+    lasting = await screen(server)
+    assert await scr.closed(timeout=4) == 4401
+    assert await dev.closed(timeout=4) == 4401
+    assert lasting.closed_code is None
+
+
 async def test_report_is_idempotent_per_reporter(server: ServerProcess) -> None:
     w3 = await field(server, "w3", V1B)
     ref = str(uuid.uuid4())
@@ -378,7 +394,7 @@ async def test_village_screen_chains_its_events_by_prev(server: ServerProcess) -
     v_events = [m for m in village.seen if m["type"] == "event"]
     t_events = [m for m in town.seen if m["type"] == "event"]
     assert chained(v_events, snap["seq"])
-    assert any(b["seq"] > a["seq"] + 1 for a, b in zip(v_events, v_events[1:], strict=False))
+    assert any(b["seq"] > a["seq"] + 1 for a, b in itertools.pairwise(v_events))
     assert all(m["prev"] == m["seq"] - 1 for m in t_events)
     assert {m["event"]["grids"]["2"] for m in v_events if "grids" in m["event"]} == {"V1"}
     last = v_events[-1]["seq"]
