@@ -1,6 +1,6 @@
 // The incident card (details + full timeline), the operator action dialogs, and toasts.
 
-import { t, catName, STATUS, LEVEL_LONG, REASON, SOURCE, PRIORITY, KIND, DEPARTMENTS, deptName, distText, fullTime, hms, sentence, lang } from './i18n.js';
+import { t, catName, STATUS, LEVEL_LONG, REASON, SOURCE, PRIORITY, KIND, DEPARTMENTS, deptName, distText, fullTime, hms, sentence, lang, errorText } from './i18n.js';
 import { el, clear, haversine, ms } from './util.js';
 
 const $ = (id) => document.getElementById(id);
@@ -239,7 +239,7 @@ export class IncidentCard {
     } catch (e) {
       pending.remove();
       const msg = e.server ? e.message : e.code === 'timeout' ? t('toast_timeout') : e.code === 'offline' ? t('toast_offline') : t('toast_lost');
-      toast(t('toast_err', { msg: e.server && e.code ? `${msg} (${e.code})` : msg }), 'error');
+      toast(t('toast_err', { msg: e.server && e.code ? errorText(e.code, msg) : msg }), 'error');
     }
   }
 }
@@ -251,6 +251,7 @@ function actBtn(action, label, disabled) { return el('button', { type: 'button',
 async function problem(res) {
   try {
     const j = await res.json();
+    if (j.code) return errorText(j.code, j.detail || j.title);
     return j.detail || j.title || j.message || `HTTP ${res.status}`;
   } catch {
     return `HTTP ${res.status}`;

@@ -223,6 +223,23 @@ export const REASON = {
   no_responder: L('无人可派', 'no responder'), declined: L('拒单/超时', 'declined'), sla: L('超时限', 'time limit'),
   requested: L('申请升级', 'requested'), operator: L('人工升级', 'by operator'),
 };
+// What each error code of the contract means to an operator; the server's own sentence (English)
+// follows in the English UI only, where it adds the specifics.
+export const ERROR = {
+  bad_json: L('消息格式错误', 'malformed message'), bad_message: L('请求内容有误', 'invalid request'),
+  unknown_type: L('不支持的操作', 'unsupported action'), unauthorized: L('登录已失效，请重新登录', 'signed out: sign in again'),
+  forbidden: L('无权执行此操作', 'not allowed for your role or area'), not_found: L('对象不存在', 'not found'),
+  conflict: L('案件状态已变化，请刷新后重试', 'the case has changed meanwhile'), outside_area: L('不在辖区内', 'outside the area'),
+  unknown_category: L('未知的事件类别', 'unknown category'), rate_limited: L('操作过于频繁，请稍后再试', 'too many actions: wait a moment'),
+  too_large: L('内容过长', 'too large'), unavailable: L('服务暂不可用，请稍后重试', 'server busy or offline: retry shortly'),
+  internal: L('服务器内部错误', 'server error'),
+};
+export function errorText(code, message) {
+  const known = ERROR[code];
+  if (!known) return message ? `${message} (${code})` : String(code);
+  return lang === 'en' && message ? `${known}: ${message}` : known;
+}
+
 export const KIND = { grid_worker: L('网格员', 'Grid worker'), department: L('部门', 'Unit'), volunteer: L('志愿者', 'Volunteer') };
 export const SOURCE = { field: L('网格上报', 'field'), hotline: L('12345热线', 'hotline'), citizen: L('群众举报', 'citizen'), operator: L('指挥中心', 'operator') };
 export const PRIORITY = { 1: L('特急', 'P1 urgent'), 2: L('紧急', 'P2'), 3: L('一般', 'P3'), 4: L('较低', 'P4') };

@@ -427,6 +427,17 @@ def test_escalation_queue_puts_what_the_town_must_do_first(
     assert order == ["village-overdue", "town-urgent", "town", "old-village"]
 
 
+def test_server_errors_read_in_the_screens_language(
+    server: Any, town: Town, open_screen: Any
+) -> None:
+    token = server.token("operator", "e2e-op", town.town_id)
+    probe = "import('/static/i18n.js').then((m) => m.errorText('conflict', 'Incident T-1 moved.'))"
+    zh = open_screen(token).page.evaluate(probe)
+    en = open_screen(token, lang="en").page.evaluate(probe)
+    assert zh == "案件状态已变化，请刷新后重试"
+    assert en == "the case has changed meanwhile: Incident T-1 moved."
+
+
 def test_operator_assigns_from_the_screen(
     server: Any, town: Town, open_screen: Any, fields: list[Field]
 ) -> None:
