@@ -319,7 +319,15 @@ export function distText(m) {
   return m < 1000 ? `${Math.round(m)} m` : `${(m / 1000).toFixed(m < 10000 ? 1 : 0)} km`;
 }
 
-const tz = new URLSearchParams(location.search).get('tz') || undefined;
+// Times are shown in the zone of the statistics' day (the server's [stats] UTC offset, China
+// Standard Time by default), not the browser's: the clock's date and the "today" figures agree
+// on a PC set to another zone. `?tz=Area/City` overrides it.
+function serverZone() {
+  const off = Number(document.querySelector('meta[name="dispatch-utc-offset"]')?.content);
+  if (!document.querySelector('meta[name="dispatch-utc-offset"]')?.content || !Number.isInteger(off)) return undefined;
+  return off === 0 ? 'UTC' : `Etc/GMT${off > 0 ? '-' : '+'}${Math.abs(off)}`;  // Etc/ signs are inverted
+}
+const tz = new URLSearchParams(location.search).get('tz') || serverZone();
 const fmtHM = new Intl.DateTimeFormat(lang === 'en' ? 'en-GB' : 'zh-CN', { hour: '2-digit', minute: '2-digit', hour12: false, timeZone: tz });
 const fmtHMS = new Intl.DateTimeFormat(lang === 'en' ? 'en-GB' : 'zh-CN', { hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false, timeZone: tz });
 const fmtDate = new Intl.DateTimeFormat(lang === 'en' ? 'en-GB' : 'zh-CN', { year: 'numeric', month: '2-digit', day: '2-digit', weekday: 'short', timeZone: tz });

@@ -97,7 +97,11 @@ def create_app(
     app.add_routes([web.get("/ws/field", field_ws), web.get("/ws/screen", screen_ws)])
     static_dir = settings.server.static_dir
     if static_dir is not None and Path(static_dir).is_dir():
-        page = _index_page(Path(static_dir) / "index.html", settings.server.tiles)
+        page = _index_page(
+            Path(static_dir) / "index.html",
+            settings.server.tiles,
+            stats_config.timezone_offset_hours,
+        )
 
         async def root(_request: web.Request) -> web.Response:
             return web.Response(
@@ -163,10 +167,16 @@ async def _install_task_dump(_app: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
-def _index_page(path: Path, tiles: str) -> bytes:
+def _index_page(path: Path, tiles: str, utc_offset_hours: float = 8.0) -> bytes:
     """The wall screen's page, with the configured tile source (``[server] tiles``) filled in
-    and, for a tile server on another host of the local network, allowed by the page's CSP."""
+    and, for a tile server on another host of the local network, allowed by the page's CSP; and
+    the statistics' UTC offset, so its clock shows the same day as its "today" figures whatever
+    the time zone of the PC driving the wall."""
     text = path.read_text(encoding="utf-8")
+    text = text.replace(
+        '<meta name="dispatch-utc-offset" content="">',
+        f'<meta name="dispatch-utc-offset" content="{utc_offset_hours:g}">',
+    )
     if tiles:
         text = text.replace(
             '<meta name="dispatch-tiles" content="">',

@@ -438,6 +438,18 @@ def test_server_errors_read_in_the_screens_language(
     assert en == "the case has changed meanwhile: Incident T-1 moved."
 
 
+def test_clock_shows_the_statistics_day_not_the_browsers_zone(
+    server: Any, town: Town, open_screen: Any
+) -> None:
+    """The headless browser runs in the machine's zone (UTC here); the page shows China time, the
+    zone whose calendar day the 'today' figures count."""
+    page = open_screen(server.token("operator", "e2e-op", town.town_id)).page
+    shown = page.evaluate(
+        "import('/static/i18n.js').then((m) => m.hms(Date.UTC(2026, 10, 21, 23, 30, 5)))"
+    )
+    assert shown == "07:30:05"
+
+
 def test_operator_assigns_from_the_screen(
     server: Any, town: Town, open_screen: Any, fields: list[Field]
 ) -> None:
