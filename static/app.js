@@ -95,7 +95,11 @@ function start(token) {
   const store = new Store();
   const mapView = new MapView($('map'), {
     store,
-    onIncidentClick: (id) => (id ? card.open(id) : card.close()),
+    onIncidentClick: (id) => {
+      if (!id) { card.close(); return; }
+      card.open(id);
+      mapView.panTo(store.incident(id));
+    },
     onResponderClick: (r, latlng) => showResponderTip(r, latlng),
   });
   if (query.get('offline') === 'hide') mapView.hidden.add('offline');

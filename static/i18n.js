@@ -46,6 +46,8 @@ const S = {
     top_categories: '今日高发类别',
     hotspots: '今日热点网格',
     hotspot_base: '近日均值',
+    hotspots_none: '今日没有网格明显高于近日水平',
+
     safety: '平安指数',
     safety_worst: '风险较高网格',
     safety_none: '各网格均无预警',
@@ -141,6 +143,8 @@ const S = {
     top_categories: 'Top categories today',
     hotspots: 'Hotspot grids today',
     hotspot_base: 'usual',
+    hotspots_none: 'No grid is well above its recent days',
+
     safety: 'Safety index',
     safety_worst: 'Highest-risk grids',
     safety_none: 'No grid has a warning',

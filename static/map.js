@@ -286,11 +286,22 @@ export class MapView {
     return !this.hidden.has(status);
   }
 
+  /** Bring an incident into view, in the part of the map the open card does not cover. */
   panTo(inc) {
     if (inc?.lat == null) return;
     const p = this.map.latLngToContainerPoint([inc.lat, inc.lon]);
     const s = this.map.getSize();
-    if (p.x < 40 || p.y < 40 || p.x > s.x - 40 || p.y > s.y - 40) this.map.panTo([inc.lat, inc.lon]);
+    let right = s.x;
+    const card = document.getElementById('card');
+    if (card && !card.hidden) {
+      const c = card.getBoundingClientRect();
+      const m = this.map.getContainer().getBoundingClientRect();
+      if (c.width && c.left > m.left) right = Math.min(right, c.left - m.left);
+    }
+    const edge = 40;
+    if (p.x < edge || p.y < edge || p.x > right - edge || p.y > s.y - edge) {
+      this.map.panBy([p.x - right / 2, p.y - s.y / 2]);
+    }
   }
 
   // --- drawing ----------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ export class Panels {
   renderTop(st) {
     const list = (st.top_categories || []).slice(0, 6);
     const box = clear($('topcats'));
-    if (!list.length) { box.append(el('div', { class: 'empty', text: '—' })); return; }
+    if (!list.length) { box.append(el('div', { class: 'empty', text: t('hotspots_none') })); return; }
     const max = Math.max(...list.map((x) => x.count || 0), 1);
     list.forEach((x, i) => {
       box.append(el('div', { class: 'barrow' },
@@ -112,7 +112,7 @@ export class Panels {
   renderHotspots(st) {
     const list = (st.hotspots || []).slice(0, 5);
     const box = clear($('hotspots'));
-    if (!list.length) { box.append(el('div', { class: 'empty', text: '—' })); return; }
+    if (!list.length) { box.append(el('div', { class: 'empty', text: t('hotspots_none') })); return; }
     for (const h of list) {
       box.append(el('div', { class: 'hotrow' },
         el('span', { class: 'name', text: h.name || this.gridName(h.grid) }),

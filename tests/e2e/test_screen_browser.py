@@ -490,6 +490,15 @@ def test_operator_assigns_from_the_screen(
     _wait(page, f"window.__dispatch.card.id === {json.dumps(iid)}", 3, "the incident card")
     _wait(
         page,
+        f"""(() => {{ const p = window.__dispatch.incidentPoint({json.dumps(iid)});
+            const c = document.getElementById('card').getBoundingClientRect();
+            const m = document.getElementById('map').getBoundingClientRect();
+            return !!p && m.left + p.x < c.left; }})()""",
+        3,
+        "the map to keep the incident in view beside its card",
+    )
+    _wait(
+        page,
         "document.querySelectorAll('#card .timeline li:not(.muted)').length > 0",
         5,
         "the timeline",
