@@ -47,6 +47,7 @@ const S = {
     hotspots: '今日热点网格',
     hotspot_base: '近日均值',
     hotspots_none: '今日没有网格明显高于近日水平',
+    topcats_none: '今日暂无案件',
 
     safety: '平安指数',
     safety_worst: '风险较高网格',
@@ -144,6 +145,7 @@ const S = {
     hotspots: 'Hotspot grids today',
     hotspot_base: 'usual',
     hotspots_none: 'No grid is well above its recent days',
+    topcats_none: 'No reports today',
 
     safety: 'Safety index',
     safety_worst: 'Highest-risk grids',

@@ -98,7 +98,7 @@ export class Panels {
   renderTop(st) {
     const list = (st.top_categories || []).slice(0, 6);
     const box = clear($('topcats'));
-    if (!list.length) { box.append(el('div', { class: 'empty', text: t('hotspots_none') })); return; }
+    if (!list.length) { box.append(el('div', { class: 'empty', text: t('topcats_none') })); return; }
     const max = Math.max(...list.map((x) => x.count || 0), 1);
     list.forEach((x, i) => {
       box.append(el('div', { class: 'barrow' },
