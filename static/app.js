@@ -51,6 +51,12 @@ function signIn(reason) {
   $('signin-go').textContent = t('signin_go');
   $('signin-error').textContent = reason ? t(reason) : '';
   $('signin-scope').value = chosenScope() || '';
+  const retry = sessionStorage.getItem('dispatch.retry');
+  sessionStorage.removeItem('dispatch.retry');
+  if (retry) {
+    $('signin-token').value = retry;
+    $('signin-scope').value = jwtClaims(retry)?.scope || '';
+  }
   form.onsubmit = (e) => {
     e.preventDefault();
     let tok = $('signin-token').value.trim();
@@ -67,9 +73,20 @@ function signIn(reason) {
 }
 
 function signOut(reason) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
   sessionStorage.removeItem(TOKEN_KEY);
   if (reason) sessionStorage.setItem('dispatch.reason', reason);
-  location.replace(location.pathname + location.search);
+  let search = location.search;
+  if (reason === 'signin_forbidden' && token) {
+    // The token is good, the scope asked for is not in it: offer the token again with its own
+    // scope instead of making the operator paste it anew.
+    sessionStorage.setItem('dispatch.retry', token);
+    sessionStorage.removeItem(SCOPE_KEY);
+    const q = new URLSearchParams(search);
+    q.delete('scope');
+    search = q.toString() ? `?${q}` : '';
+  }
+  location.replace(location.pathname + search);
 }
 
 // --- the app -------------------------------------------------------------------------------------

@@ -450,6 +450,32 @@ def test_clock_shows_the_statistics_day_not_the_browsers_zone(
     assert shown == "07:30:05"
 
 
+def test_a_scope_outside_the_token_keeps_the_token(
+    server: Any, town: Town, browser: Any
+) -> None:
+    """Asking for a scope the token does not cover is refused (4403), and the sign-in form comes
+    back with the token still filled in and the token's own scope, ready to go again."""
+    mine, other = sorted(town.villages)[:2]
+    token = server.token("operator", "e2e-op-v", mine)
+    ctx = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    try:
+        page = ctx.new_page()
+        page.goto(f"{_base(server)}/?scope={other}#token={token}")
+        _wait(page, "!document.getElementById('signin').hidden", 10, "the sign-in form")
+        assert page.input_value("#signin-token") == token
+        assert page.input_value("#signin-scope") == mine
+        page.click("#signin-go")
+        _wait(
+            page,
+            f"window.__dispatchState && window.__dispatchState.connected"
+            f" && window.__dispatchState.scope === {json.dumps(mine)}",
+            10,
+            "the screen of the token's own village",
+        )
+    finally:
+        ctx.close()
+
+
 def test_operator_assigns_from_the_screen(
     server: Any, town: Town, open_screen: Any, fields: list[Field]
 ) -> None:
