@@ -85,7 +85,12 @@ def _wait(page: Any, expr: str, timeout: float = 10.0, what: str = "") -> Any:
     end = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < end:
-        last = page.evaluate(expr)
+        try:
+            last = page.evaluate(expr)
+        except Exception as exc:  # the page navigated away under the poll (a sign-in redirect)
+            if "context was destroyed" not in str(exc):
+                raise
+            last = None
         if last:
             return last
         time.sleep(0.05)
