@@ -133,7 +133,7 @@ def scenarios(quick: bool) -> list[Scenario]:
                  what="1,000 devices, a position every 5 s each, 200 reports/s steady, all "
                       "dispatched, accepted and resolved; one town screen; default limits"),
         Scenario("issue5-latency", "issue 5: 1,000 reports/s, 10,000 devices", "dispatch",
-                 "10k", latency,
+                 "10k", latency, repeatable=True,
                  what="10,000 devices, a position every 5 s each (2,000/s), 1,000 reports/s "
                       "steady, all dispatched, accepted and resolved; default limits"),
         Scenario("issue5-memory", "issue 5: 10,000 devices + 50 screens", "dispatch", "10k",
@@ -683,6 +683,11 @@ def summary(runs: dict[str, list[Json]], extra: Json) -> Json:
                 if isinstance(v := (r.get("bench") or {}).get("throughput", {}).get(
                     "reports_acked"), int | float)]
 
+    def p99_runs(name: str) -> list[float]:
+        return [v for r in runs.get(name, [])
+                if isinstance(v := (r.get("bench") or {}).get("latency_ms", {}).get(
+                    "report_offer", {}).get("p99"), int | float)]
+
     s: Json = {}
     fi, di = b("floor-ingest", "throughput", "ingest"), b("dispatch-ingest", "throughput", "ingest")
     fcpu = b("floor-ingest", "server", "cpu_us_per_message")
@@ -753,7 +758,8 @@ def summary(runs: dict[str, list[Json]], extra: Json) -> Json:
          rh is not None and rh >= 5000),
         ("p99 report→offer ≤ 10 ms at 1,000 reports/s, 10,000 devices", "≤ 10 ms",
          f"p99 {fmt(s['latency']['offer_p99'])} ms (p50 {fmt(s['latency']['offer_p50'])} ms) at "
-         f"{fmt(s['latency']['reports_per_s'], 0)} reports/s acked",
+         f"{fmt(s['latency']['reports_per_s'], 0)} reports/s acked (median of runs; p99 run by "
+         f"run {', '.join(fmt(x) for x in p99_runs('issue5-latency'))} ms)",
          s["latency"]["offer_p99"] is not None and s["latency"]["offer_p99"] <= 10
          and (s["latency"]["reports_per_s"] or 0) >= 990),
         ("nearest among 100,000: median ≤ 20 µs", "≤ 20 µs",
