@@ -625,12 +625,13 @@ class Engine:
 
     def _go_offline(self, r: Responder, now: float) -> None:
         """Availability: offline once the last connection has been gone ``offline_after``;
-        an offer it holds passes on at once."""
+        an offer it holds passes on at once. Offline first, then the offer: passing it on may
+        escalate it, and the next level's pool must not find this responder still available."""
         r.offline_due = None
         held = self.held_by(r.info.id)
+        self._emit(ResponderPresence(seq=self._seq(), at=now, responder=r.info.id, online=False))
         if held is not None and held.status == "offered":
             self._expire_offer(held, now, "offline")
-        self._emit(ResponderPresence(seq=self._seq(), at=now, responder=r.info.id, online=False))
 
     # ------------------------------------------------------------------ emitting
 

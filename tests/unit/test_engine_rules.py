@@ -279,6 +279,24 @@ def test_offline_after_grace_passes_offers_on_at_once_but_reconnect_in_time_keep
     assert kit.state.responders["w1"].status == "offline"
 
 
+def test_an_offer_lost_to_going_offline_is_not_offered_back_at_the_next_level() -> None:
+    """The only responder of a basic grid goes offline while holding its offer: the case passes
+    on and escalates, and the village's pool must not find that responder available again."""
+    k = Kit.new()
+    k.online("w1", 113.005, 22.605)  # V1A; w2 never connects
+    inc = k.report()
+    assert offered_to(k, inc) == "w1"
+    k.do(c.Disconnect("w1"))
+    k.tick(TIMING.offline_after)
+    i = k.state.incidents[inc]
+    # nobody else is online: it climbs to the town and waits there for an operator
+    assert (i.level, i.status, i.responder) == (1, "new", None)
+    offers = [e for e in k.events if e.type_name() == "incident.offered"]
+    assert [e.responder for e in offers] == ["w1"]
+    assert k.state.responders["w1"].status == "offline"
+    assert k.state.responders["w1"].incident is None
+
+
 def test_hello_does_not_end_off_duty(kit: Kit) -> None:
     kit.do(c.SetDuty("w1", "off_duty"))
     kit.do(c.Disconnect("w1"))
