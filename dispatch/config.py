@@ -280,6 +280,7 @@ class StatsSettings:
     """
 
     window: float = _dur("24h")
+    timezone_offset_hours: float = _key(8.0, "float", lo=-14.0, hi=14.0)
     weights: Mapping[str, float] = _factory(
         lambda: MappingProxyType(dict(_DEFAULT_WEIGHTS)), "weights", lo=0.0
     )

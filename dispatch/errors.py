@@ -70,7 +70,7 @@ class Rejected(DispatchError):
     """A message or command that cannot be carried out; nothing was changed."""
 
     def __init__(
-        self, code: ErrorCode, message: str, *, message_id: str | int | None = None
+        self, code: ErrorCode, message: str, *, message_id: str | int | float | None = None
     ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+_DAY_S = 86_400.0
+
 SAFETY_INDEX_VERSION = "safety index v1"
 """Name and version of the safety-index formula (:mod:`dispatch.stats.safety`)."""
 
@@ -131,8 +133,9 @@ class StatsConfig:
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> StatsConfig:
         """Build from ``dispatch.config.StatsSettings`` (duck-typed: ``weights``, ``saturation``,
-        ``blue``, ``yellow``, ``orange``, ``red``). Its ``window`` is *not* mapped: index v1 is
-        per local day; pass ``safety_window_s=settings.window`` to get a trailing window."""
+        ``blue``, ``yellow``, ``orange``, ``red``, and optionally ``window`` and
+        ``timezone_offset_hours``). A ``window`` of 24 h (the default) is the local calendar day,
+        as the seed city publishes it; any other length is a trailing window ending now."""
         kwargs: dict[str, Any] = {
             "safety_weights": dict(settings.weights),
             "safety_saturation": dict(settings.saturation),
@@ -141,6 +144,12 @@ class StatsConfig:
             "safety_orange": float(settings.orange),
             "safety_red": float(settings.red),
         }
+        window = getattr(settings, "window", _DAY_S)
+        if window != _DAY_S:
+            kwargs["safety_window_s"] = float(window)
+        offset = getattr(settings, "timezone_offset_hours", None)
+        if offset is not None:
+            kwargs["timezone_offset_hours"] = float(offset)
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -140,7 +140,7 @@ class _IdOnly(msgspec.Struct):
 
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 
-MessageId = str | int
+MessageId = str | int | float
 """A client message's ``id`` as the client wrote it (echoed back unchanged)."""
 
 
@@ -151,7 +151,7 @@ def message_id(raw: bytes | str) -> MessageId | None:
         mid = _id_decoder.decode(raw).id
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if isinstance(mid, str | int) and not isinstance(mid, bool):
+    if isinstance(mid, str | int | float) and not isinstance(mid, bool):
         return mid
     return None
 

@@ -671,3 +671,17 @@ def test_grafana_dashboard_uses_known_metrics() -> None:
     assert used <= set(METRICS) | server
     assert {"dispatch_safety_score", "dispatch_closure_rate", "dispatch_on_time_rate",
             "dispatch_share_closed_l32"} <= used
+
+
+def test_stats_settings_reach_the_statistics() -> None:
+    """[stats] window = "24h" is the local day; another length a trailing window; the UTC offset
+    of the local day is configurable."""
+    from dispatch.config import settings_from_dict
+    from dispatch.stats.config import config_from_settings
+
+    day = config_from_settings(settings_from_dict({}))
+    assert day.safety_window_s is None and day.timezone_offset_hours == 8.0
+    other = config_from_settings(
+        settings_from_dict({"stats": {"window": "6h", "timezone_offset_hours": 7}})
+    )
+    assert other.safety_window_s == 6 * 3600 and other.timezone_offset_hours == 7.0
