@@ -201,7 +201,9 @@ def test_invariants_hold_and_replay_matches(sequence: list[tuple[Any, ...]]) -> 
 
 
 def test_the_brute_force_check_really_ran() -> None:
-    """Guard against a vacuous property test: the checked index must have been queried."""
+    """Guard against a vacuous property test: the checked index must have been queried. (How
+    often depends on the examples hypothesis draws: 190-310 typically, 75 seen once; a broken
+    hookup gives 0.)"""
     CheckingIndex.checked = 0
     test_invariants_hold_and_replay_matches()
-    assert CheckingIndex.checked > 100
+    assert CheckingIndex.checked > 10
