@@ -238,12 +238,17 @@ async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
     (a,) = make_cluster(tmp_path, redis_srv.url, 1)
     try:
         w3 = await field(a, "w3", (113.005, 22.635))
+
+        async def handled(ref: str) -> dict[str, object]:
+            return await w3.request(
+                {"type": "report", "id": ref, "category": "sanitation",
+                 "lon": 113.006, "lat": 22.606, "handled": True},
+                timeout=15,
+            )  # fmt: skip
+
         acked = []
         for i in range(3):
-            ok = await w3.request(
-                {"type": "report", "id": f"r{i}", "category": "sanitation",
-                 "lon": 113.006, "lat": 22.606, "handled": True}
-            )  # fmt: skip
+            ok = await handled(f"r{i}")
             assert ok["type"] == "ack"
             acked.append(ok["incident"])
         redis_srv.kill()
@@ -263,19 +268,11 @@ async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
                     break
             await asyncio.sleep(0.3)
         assert "lost acknowledged events" in body, body
-        r = await w3.request(
-            {"type": "report", "id": "after", "category": "sanitation",
-             "lon": 113.006, "lat": 22.606, "handled": True},
-            timeout=15,
-        )  # fmt: skip
+        r = await handled("after")
         assert r["type"] == "error" and r["code"] == "unavailable", r
         await asyncio.sleep(2 * 0.5 + 2)  # a few lease rounds: still refused, nothing reused
         assert ready(a) == 503
-        r = await w3.request(
-            {"type": "report", "id": "later", "category": "sanitation",
-             "lon": 113.006, "lat": 22.606, "handled": True},
-            timeout=15,
-        )  # fmt: skip
+        r = await handled("later")
         assert r["type"] == "error" and r["code"] == "unavailable", r
         # the operator restores Redis's data: the town is served again, with fresh ids
         redis_srv.kill()
@@ -287,11 +284,7 @@ async def test_a_redis_that_comes_back_empty_is_refused_not_reused(
                 break
             await asyncio.sleep(0.3)
         assert ready(a) == 200
-        r = await w3.request(
-            {"type": "report", "id": "restored", "category": "sanitation",
-             "lon": 113.006, "lat": 22.606, "handled": True},
-            timeout=15,
-        )  # fmt: skip
+        r = await handled("restored")
         assert r["type"] == "ack" and r["incident"] not in acked, r
         st, _, doc = a.get("/api/incidents", token("admin", "a"))
         assert st == 200 and {i["id"] for i in doc} == {*acked, r["incident"]}
