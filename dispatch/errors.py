@@ -66,11 +66,15 @@ class ConfigError(DispatchError):
     """An invalid configuration or data file; the message names file and key/row/feature."""
 
 
+MessageId = str | int | float
+"""A client message's ``id`` as the client wrote it (echoed back unchanged)."""
+
+
 class Rejected(DispatchError):
     """A message or command that cannot be carried out; nothing was changed."""
 
     def __init__(
-        self, code: ErrorCode, message: str, *, message_id: str | int | float | None = None
+        self, code: ErrorCode, message: str, *, message_id: MessageId | None = None
     ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from dispatch.engine.events import Event
-from dispatch.errors import Rejected
+from dispatch.errors import MessageId, Rejected
 from dispatch.wire.messages import (
     FIELD_TYPES,
     SCREEN_TYPES,
@@ -134,41 +134,35 @@ def _explain(kind: str, err: msgspec.ValidationError) -> str:
     return f"Invalid {kind}: {what}."
 
 
-class _IdOnly(msgspec.Struct):
+class _Probe(msgspec.Struct):
+    """The few fields read from a frame that will not be handled as its type."""
+
+    type: Any = None
     id: Any = None
+    token: Any = None
 
 
-_id_decoder = msgspec.json.Decoder(_IdOnly)
+_probe = msgspec.json.Decoder(_Probe)
 
-MessageId = str | int | float
-"""A client message's ``id`` as the client wrote it (echoed back unchanged)."""
+
+def _as_id(value: Any) -> MessageId | None:
+    return value if isinstance(value, str | int | float) and not isinstance(value, bool) else None
 
 
 def message_id(raw: bytes | str) -> MessageId | None:
     """The ``id`` of a frame that will not be handled (bad, rate-limited, a second hello), so
     its ``error`` can still carry it. Skips every other field, so it stays cheap on a flood."""
     try:
-        mid = _id_decoder.decode(raw).id
+        return _as_id(_probe.decode(raw).id)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if isinstance(mid, str | int | float) and not isinstance(mid, bool):
-        return mid
-    return None
-
-
-class _HelloProbe(msgspec.Struct):
-    type: Any = None
-    token: Any = None
-
-
-_hello_probe = msgspec.json.Decoder(_HelloProbe)
 
 
 def hello_without_token(raw: bytes | str) -> bool:
     """True for a ``hello`` that carries no string ``token``: a client that did not
     authenticate (close 4401, as for a bad token), not a schema slip to answer and wait on."""
     try:
-        probe = _hello_probe.decode(raw)
+        probe = _probe.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False
     return probe.type == "hello" and not isinstance(probe.token, str)
@@ -180,7 +174,6 @@ def _decode(
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as err:
-        mid = message_id(raw)
         doc = None
         with contextlib.suppress(msgspec.DecodeError):
             doc = _any_decoder.decode(raw)
@@ -188,6 +181,7 @@ def _decode(
             raise Rejected(
                 "bad_message", "A message must be a JSON object with a 'type'."
             ) from None
+        mid = _as_id(doc.get("id"))
         mtype = doc.get("type")
         if mtype is None:
             rej = Rejected("bad_message", "The message has no 'type' field.")
