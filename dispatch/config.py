@@ -601,6 +601,7 @@ def settings_from_dict(
                 raise fail(label, section, key, value, str(exc)) from None
             origin[section, key] = label
 
+    store_base = base
     for name, text in sorted((env or {}).items()):
         if not name.startswith("DISPATCH_"):
             continue
@@ -617,6 +618,8 @@ def settings_from_dict(
         except _Bad as exc:
             raise fail(where, section, key, text, str(exc)) from None
         origin[section, key] = where
+        if (section, key) == ("store", "url"):
+            store_base = cwd  # a relative sqlite path from the environment, like every path
 
     # Defaults that are relative paths are relative to the config file's folder.
     for key in _keys("data"):
@@ -624,8 +627,7 @@ def settings_from_dict(
             default = getattr(DataSettings(), key)
             values["data"][key] = default if default.is_absolute() else base / default
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items() if name != "store"}
-    store_from_env = origin.get(("store", "url"), "").startswith("environment ")
-    sections["store"] = StoreSettings(**values["store"], base_dir=cwd if store_from_env else base)
+    sections["store"] = StoreSettings(**values["store"], base_dir=store_base)
 
     def source_of(section: str, key: str) -> str:
         return origin.get((section, key), "default")
