@@ -167,7 +167,7 @@ async def _install_task_dump(_app: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
-def _index_page(path: Path, tiles: str, utc_offset_hours: float = 8.0) -> bytes:
+def _index_page(path: Path, tiles: str, utc_offset_hours: float) -> bytes:
     """The wall screen's page, with the configured tile source (``[server] tiles``) filled in
     and, for a tile server on another host of the local network, allowed by the page's CSP; and
     the statistics' UTC offset, so its clock shows the same day as its "today" figures whatever

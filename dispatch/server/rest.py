@@ -316,11 +316,10 @@ async def list_responders(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     principal = principal_of(request, VIEWERS)
     ctx: Context = request.app[Context.KEY]
-    wanted = request.query.get("scope") or principal.scope
-    if wanted is None:  # an admin without a scope: the first town, as on a screen
-        wanted = resolve_scope(ctx, principal, None)
-    town = _town_of_visible_grid(ctx, principal, wanted)
-    scope = wanted
+    scope = request.query.get("scope") or principal.scope
+    if scope is None:  # an admin without a scope: the first town, as on a screen
+        scope = resolve_scope(ctx, principal, None)
+    town = _town_of_visible_grid(ctx, principal, scope)
     engine = ctx.runners[town].engine
     return json_response(compute_stats(engine, scope, ctx.clock.now(), ctx.hub.stats_config))
 
