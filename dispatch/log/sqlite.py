@@ -47,6 +47,14 @@ Reads
     the writer itself, not by polling: after each commit the records are pushed to every follower
     of their town (a bounded buffer per follower; one that overflows falls back to reading).
 
+Checkpoints
+    SQLite's automatic checkpoint is off: it ran inside the commit that crossed its threshold and
+    held up every append behind it for its page copies and two fsyncs (a stall of several
+    milliseconds every ~150 ms at a couple of thousand commits a second, the largest cause of
+    the report→offer tail in docs/performance.md). :class:`_Checkpointer` copies the WAL into
+    the database file on its own thread and connection instead, and has the writer finish each
+    few megabytes between two groups so the WAL starts over at the same size.
+
 Lifecycle
     The instance binds to the event loop that first uses it. :meth:`SqliteLog.close` rejects new
     appends, lets the writer finish everything queued, stops it, closes the connections and ends
@@ -96,6 +104,13 @@ _LAST = "SELECT MAX(seq) FROM events WHERE town = ?"
 _READERS = 4
 _FOLLOW_PAGE = 1000
 _BUSY_TIMEOUT_MS = 5000
+CHECKPOINT_PAGES = 4096
+"""WAL pages (4 KiB) written, estimated, that start a background checkpoint."""
+WAL_RESTART_PAGES = 16384
+"""WAL pages (4 KiB), estimated, after which the writer finishes a checkpoint so the WAL starts
+over (instead of growing)."""
+CHECKPOINT_IDLE = 1.0
+"""Seconds without a round after which one runs on whatever was written."""
 
 
 @dataclass(slots=True, eq=False)
@@ -165,7 +180,6 @@ class SqliteLog(EventLog):
         # Last committed seq per town. Written only by the writer thread (after commits and when a
         # town is first seen); read by the loop for last_seq().
         self._committed: dict[str, int] = {}
-        self._queue: queue.SimpleQueue[_Append | None] = queue.SimpleQueue()
         self._followers: dict[str, set[_Follower]] = {}
         self.commits = 0
         """Transactions committed so far (group commit makes this smaller than appends)."""
@@ -181,6 +195,7 @@ class SqliteLog(EventLog):
             if str(mode).lower() != "wal":
                 raise LogUnavailable(f"{self.path}: cannot use WAL mode (got {mode!r})")
             writer.execute("PRAGMA synchronous = FULL")
+            writer.execute("PRAGMA wal_autocheckpoint = 0")
             version = writer.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise LogUnavailable(
@@ -189,7 +204,7 @@ class SqliteLog(EventLog):
                 )
             writer.execute(_SCHEMA)
             writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            readers = [_connect(self.path) for _ in range(_READERS)]
+            readers = [_connect(self.path) for _ in range(_READERS + 1)]
         except (sqlite3.Error, OSError) as exc:
             for conn in [writer, *readers]:
                 if conn is not None:
@@ -201,6 +216,10 @@ class SqliteLog(EventLog):
                     conn.close()
             raise
         self._writer = writer
+        self._queue: queue.SimpleQueue[_Append | _CatchUp | None] = queue.SimpleQueue()
+        self._checkpointer = _Checkpointer(
+            readers.pop(), self.path.name, lambda: self._queue.put(_CATCH_UP)
+        )
         self._readers: asyncio.Queue[sqlite3.Connection] = asyncio.Queue()
         for conn in readers:
             self._readers.put_nowait(conn)
@@ -341,20 +360,29 @@ class SqliteLog(EventLog):
         try:
             while not stopping:
                 group: list[_Append] = []
+                catch_up = False
                 head = self._queue.get()
                 for item in _drain(head, self._queue):
                     if item is None:
                         stopping = True
+                    elif isinstance(item, _CatchUp):
+                        catch_up = True
                     else:
                         group.append(item)
-                if not group:
-                    continue
-                if self.per_commit:
-                    for item in group:
-                        self._write_safely([item])
-                else:
-                    self._write_safely(group)
+                if group:
+                    if self.per_commit:
+                        for item in group:
+                            self._write_safely([item])
+                    else:
+                        self._write_safely(group)
+                    self._checkpointer.committed(
+                        sum(len(item.records) for item in group),
+                        sum(len(r.data) for item in group for r in item.records),
+                    )
+                if catch_up:  # after the group, whose callers have their answers by now
+                    self._checkpointer.catch_up(self._writer)
         finally:
+            self._checkpointer.stop()
             self._writer.close()
 
     def _write_safely(self, group: list[_Append]) -> None:
@@ -480,7 +508,102 @@ class SqliteLog(EventLog):
             self._committed.pop(town, None)
 
 
-def _drain(head: _Append | None, q: queue.SimpleQueue[_Append | None]) -> Iterator[_Append | None]:
+class _Checkpointer:
+    """Copies the WAL back into the database file, mostly on its own thread and connection.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, holding the
+    writer for the whole copy and its two fsyncs: at a couple of thousand commits a second that
+    was a stall of several milliseconds every ~150 ms, the largest cause of the report→offer
+    tail (docs/performance.md). Here a thread runs PASSIVE checkpoints on its own connection
+    every ``CHECKPOINT_PAGES``; they take no lock the writer needs, so commits go on meanwhile.
+
+    A checkpoint beside a busy writer never quite finishes, and SQLite starts the WAL again
+    from its beginning only after one has: the file would grow for ever, and an fsync that must
+    also journal a new file size costs about twice as much. So once the WAL holds
+    ``WAL_RESTART_PAGES`` (or after a quiet round) the writer itself copies what the last round
+    left (:meth:`catch_up`, queued between two groups: a millisecond or two, every few seconds
+    at full load), and its next commit starts the file over. In between, the WAL is rewritten in
+    place within the size it already has, so its fsyncs journal nothing. Both connections sync
+    as FULL does: the WAL before a copy, the database after it.
+    """
+
+    def __init__(
+        self, conn: sqlite3.Connection, name: str, request_catch_up: Callable[[], None]
+    ) -> None:
+        conn.execute("PRAGMA synchronous = FULL")
+        self._conn = conn
+        self._request_catch_up = request_catch_up
+        self._wake = threading.Event()
+        self._stopping = False
+        self._running = False
+        self._pages = 0.0  # written since the last round (estimated)
+        self._wal_pages = 0.0  # written since the WAL last started over (estimated)
+        self.rounds = 0
+        self.restarts = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"dispatch-log-checkpoint:{name}", daemon=True
+        )
+        self._thread.start()
+
+    def committed(self, records: int, size: int) -> None:
+        """The writer thread, after each group: count what it wrote, start a round when due."""
+        # A commit rewrites the last page of the table and of its index, plus what it adds.
+        pages = 2 + size / 4096 + records / 64
+        self._pages += pages
+        self._wal_pages += pages
+        if self._pages >= CHECKPOINT_PAGES and not self._running:
+            self._pages = 0.0
+            self._running = True
+            self._wake.set()
+
+    def catch_up(self, writer: sqlite3.Connection) -> None:
+        """The writer thread, between groups: finish the last round, so the WAL starts over."""
+        try:
+            ((busy, frames, copied),) = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            logger.warning("! checkpoint catch-up failed: %s", exc)
+            return
+        if not busy and frames == copied:
+            self._wal_pages = 0.0
+            self.restarts += 1
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            quiet = not self._wake.wait(CHECKPOINT_IDLE)
+            if quiet:
+                if self._pages == 0 or self._running:
+                    continue
+                self._pages = 0.0
+                self._running = True
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                logger.warning("! background checkpoint failed: %s", exc)
+            self.rounds += 1
+            self._running = False
+            if quiet or self._wal_pages >= WAL_RESTART_PAGES:
+                self._request_catch_up()
+
+
+class _CatchUp:
+    """The checkpointer's request, queued to the writer like an append."""
+
+
+_CATCH_UP = _CatchUp()
+
+
+def _drain(
+    head: _Append | _CatchUp | None, q: queue.SimpleQueue[_Append | _CatchUp | None]
+) -> Iterator[_Append | _CatchUp | None]:
     yield head
     while True:
         try:

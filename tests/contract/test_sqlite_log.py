@@ -17,6 +17,7 @@ import pytest
 
 from dispatch.errors import LogUnavailable, SeqConflict
 from dispatch.log import Record, SqliteLog
+from dispatch.log import sqlite as sqlite_log
 from dispatch.log.sqlite import _Append
 from tests.contract import MS
 
@@ -214,11 +215,70 @@ async def test_a_follower_that_overflows_its_buffer_reads_the_rest(tmp_path: Pat
         await log.close()
 
 
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def file_sizes(db: Path) -> tuple[int, int]:
+    return db.stat().st_size, Path(f"{db}-wal").stat().st_size
+
+
+async def test_checkpoints_copy_the_wal_back_and_start_it_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_log, "CHECKPOINT_PAGES", 64)
+    monkeypatch.setattr(sqlite_log, "WAL_RESTART_PAGES", 256)
+    db = tmp_path / "log.db"
+    log = SqliteLog(db)
+    try:
+        for first in range(1, 3001, 3):  # 1,000 commits of 3 KiB: at least 8 MB of WAL frames
+            await log.append(
+                "t", [Record(s, s.to_bytes(4, "big") * 250) for s in range(first, first + 3)]
+            )
+        # The background rounds copied the rows into the database file while the log was open,
+        # and the writer's catch-ups started the WAL over instead of letting it grow.
+        assert log._checkpointer.rounds >= 5
+        assert log._checkpointer.restarts >= 2
+        db_size, wal_size = await asyncio.to_thread(file_sizes, db)
+        assert db_size > 2_000_000
+        assert wal_size < 3_000_000
+        records = await log.read("t")
+        assert [r.seq for r in records] == list(range(1, 3001))
+        assert all(r.data == r.seq.to_bytes(4, "big") * 250 for r in records)
+    finally:
+        await log.close()
+
+
+async def test_a_quiet_log_is_checkpointed_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_log, "CHECKPOINT_IDLE", 0.05)
+    db = tmp_path / "log.db"
+    log = SqliteLog(db)
+    try:
+        await log.append("t", numbered(1, 50))
+        for _ in range(500):
+            if log._checkpointer.rounds:
+                break
+            await asyncio.sleep(0.01)
+        assert log._checkpointer.rounds, "no checkpoint after a quiet spell"
+        with closing(sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)) as conn:
+            # read without the WAL: the rows are in the database file itself
+            assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 50
+        assert await log.append("t", numbered(51, 1)) == [51]
+    finally:
+        await log.close()
+
+
 # -- crash safety: a writer killed with SIGKILL --------------------------------------------------
 
 WRITER = """
 import asyncio, sys
 from dispatch.log import Record, SqliteLog
+from dispatch.log import sqlite as sqlite_log
+
+if len(sys.argv) > 2:  # checkpoint often, so the kill finds one under way
+    sqlite_log.CHECKPOINT_PAGES = int(sys.argv[2])
+    sqlite_log.WAL_RESTART_PAGES = int(sys.argv[3])
 
 async def writer(log, town, size):
     seq = 0
@@ -238,11 +298,16 @@ asyncio.run(main())
 """
 
 
-def run_and_kill_writer(db: Path, acks: int) -> dict[str, int]:
-    """Run WRITER on ``db``, SIGKILL it after ``acks`` acks; return the last acked seq per town."""
+def run_and_kill_writer(db: Path, acks: int, *checkpoints: int) -> dict[str, int]:
+    """Run WRITER on ``db``, SIGKILL it after ``acks`` acks; return the last acked seq per town.
+
+    ``checkpoints``: (CHECKPOINT_PAGES, WAL_RESTART_PAGES) for the writer, else its defaults."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE, cwd=ROOT, env=env
+        [sys.executable, "-c", WRITER, str(db), *map(str, checkpoints)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
     )
     assert proc.stdout is not None
     acked: dict[str, int] = {}
@@ -280,9 +345,12 @@ def check_gapless(db: Path) -> dict[str, int]:
     return last
 
 
-async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpoints", [(), (8, 32)], ids=["default", "checkpointing"])
+async def test_sigkill_loses_nothing_acknowledged(
+    tmp_path: Path, checkpoints: tuple[int, ...]
+) -> None:
     db = tmp_path / "log.db"
-    acked = await asyncio.to_thread(run_and_kill_writer, db, 1500)
+    acked = await asyncio.to_thread(run_and_kill_writer, db, 1500, *checkpoints)
     assert len(acked) == 8
     log = SqliteLog(db)
     try:
