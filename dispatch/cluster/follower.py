@@ -22,7 +22,7 @@ from dispatch.engine.events import Event
 from dispatch.engine.state import apply
 from dispatch.errors import LogError, Rejected
 from dispatch.log.base import EventLog
-from dispatch.server.town import Sink, _add_timeline, _carry_positions
+from dispatch.server.town import Sink, _add_timeline, _carry_positions, reply_when_done
 from dispatch.wire.codec import decode_event
 
 log = structlog.get_logger("dispatch.cluster")
@@ -139,6 +139,9 @@ class TownFollower:
         self, command: Command, after: Callable[[Engine, Outcome], Any] | None = None
     ) -> asyncio.Future[Any]:
         return asyncio.ensure_future(self.submit(command, after))
+
+    def send(self, command: Command, reply: Callable[[Any, BaseException | None], None]) -> None:
+        reply_when_done(self.enqueue(command), reply)
 
     async def query(self, fn: Callable[[Engine], Any]) -> Any:
         return fn(self.engine)

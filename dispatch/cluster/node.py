@@ -33,7 +33,7 @@ from dispatch.engine import commands as c
 from dispatch.engine.engine import Engine, Outcome
 from dispatch.errors import LogError, Rejected
 from dispatch.log.redis import REDIS_ERRORS, RedisLog, town_key
-from dispatch.server.town import TownRunner
+from dispatch.server.town import TownRunner, reply_when_done
 
 log = structlog.get_logger("dispatch.cluster")
 
@@ -98,6 +98,13 @@ class TownSlot:
         self, command: c.Command, after: Callable[[Engine, Outcome], Any] | None = None
     ) -> asyncio.Future[Any]:
         return asyncio.ensure_future(self.submit(command, after))
+
+    def send(self, command: c.Command, reply: Callable[[Any, BaseException | None], None]) -> None:
+        role = self.role
+        if isinstance(role, TownRunner) and not isinstance(command, (c.Connect, c.Disconnect)):
+            role.send(command, reply)
+        else:
+            reply_when_done(self.enqueue(command), reply)
 
     async def query(self, fn: Callable[[Engine], Any]) -> Any:
         if self.role is None:

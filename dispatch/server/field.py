@@ -215,33 +215,31 @@ def _field_command(rid: str, msg: Any) -> c.Command:
 def _command(ctx: Context, outbox: Outbox, runner: Any, rid: str, msg: Any) -> None:
     """Queue one command to the town's writer; its ack or error is sent when it is durable.
 
-    No task per message: a done-callback answers (the hot path, one per client message)."""
+    No task and no future per message (the hot path, one per client message): the writer calls
+    ``answer`` as part of the commit (:meth:`~dispatch.server.town.TownRunner.send`)."""
     mid = msg.id
     try:
         command = _field_command(rid, msg)
         if isinstance(command, c.Report) and len(ctx.runners) > 1:
             runner = ctx.runner_for_point(command.lon, command.lat) or runner
-        future = runner.enqueue(command)
     except Rejected as rej:
         ctx.metrics.errors.labels(rej.code).inc()
         outbox.send(error_message(rej.code, rej.message, mid))
         return
 
-    def answer(fut: asyncio.Future[Outcome]) -> None:
-        if fut.cancelled():
+    def answer(outcome: Outcome | None, err: BaseException | None) -> None:
+        if isinstance(err, asyncio.CancelledError):
             outbox.send(error_message("unavailable", "The server is stopping; retry.", mid))
-            return
-        err = fut.exception()
-        if isinstance(err, Rejected):
+        elif isinstance(err, Rejected):
             ctx.metrics.errors.labels(err.code).inc()
             outbox.send(error_message(err.code, err.message, mid))
-        elif err is not None:
+        elif err is not None or outcome is None:
             log.error(
                 "field command failed", responder=rid, type=type(msg).__name__, error=repr(err)
             )
             outbox.send(error_message("internal", "Internal error; retry.", mid))
         else:
-            incident = fut.result().incident
+            incident = outcome.incident
             ack = (
                 {"type": "ack", "id": mid, "incident": incident}
                 if incident is not None
@@ -249,7 +247,7 @@ def _command(ctx: Context, outbox: Outbox, runner: Any, rid: str, msg: Any) -> N
             )
             outbox.send(dumps(ack))
 
-    future.add_done_callback(answer)
+    runner.send(command, answer)
 
 
 __all__ = ["field_ws", "notice_frame"]

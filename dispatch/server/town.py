@@ -3,7 +3,9 @@
 Loop: take everything queued (up to ``max_batch``) → ``engine.tick(now)`` → ``engine.handle`` each
 command → append all events of the batch to the log in one call (group commit) → once durable,
 publish the events to screens, send notices to devices, run the ``after`` callbacks, and only
-then resolve the callers' futures (so every ``ack`` follows durability).
+then resolve the callers' futures (so every ``ack`` follows durability). What that sends goes
+out together when the commit is done (:func:`~dispatch.server.outbox.sent_together`), and a
+caller that passed a ``reply`` callback (the field channel's acks) is answered inside it.
 
 If the append fails, nothing of the batch is acknowledged (callers get ``unavailable``) and the
 engine is rebuilt from the log, so its state never runs ahead of what is durable.
@@ -27,6 +29,7 @@ from dispatch.engine.events import Event
 from dispatch.errors import LogError, Rejected
 from dispatch.log.base import EventLog, Record
 from dispatch.server.metrics import Metrics
+from dispatch.server.outbox import sent_together
 from dispatch.wire.codec import decode_event, encode_event
 
 log = structlog.get_logger("dispatch.town")
@@ -42,17 +45,65 @@ class Sink(Protocol):
     def notify(self, runner: TownRunner, notices: list[Notice]) -> None: ...
 
 
+class Reply:
+    """The answer to a queued command, resolved like a future but delivered at once.
+
+    A future's callbacks run a loop turn after it is resolved; ``callback(result, error)`` runs
+    inside the writer's commit, so the acknowledgement is queued with, and flushed with, what the
+    same commit sends. One of ``result`` and ``error`` is ``None``."""
+
+    __slots__ = ("_callback", "_done")
+
+    def __init__(self, callback: Callable[[Any, BaseException | None], None]) -> None:
+        self._callback = callback
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self._resolve(result, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._resolve(None, error)
+
+    def _resolve(self, result: Any, error: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._callback(result, error)
+        except Exception:  # a caller's bug must not stop the town's writer
+            log.exception("reply callback failed")
+
+
+def reply_when_done(
+    future: asyncio.Future[Any], reply: Callable[[Any, BaseException | None], None]
+) -> None:
+    """``send`` for runners that answer with a future (the cluster's): ``reply`` when it is done."""
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if f.cancelled():
+            reply(None, asyncio.CancelledError())
+        elif (error := f.exception()) is not None:
+            reply(None, error)
+        else:
+            reply(f.result(), None)
+
+    future.add_done_callback(done)
+
+
 @dataclass(slots=True)
 class _Item:
     command: Command | None
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | Reply
     after: Callable[[Engine, Outcome], Any] | None = None
     query: Callable[[Engine], Any] | None = None
 
 
 @dataclass(slots=True)
 class _Done:
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | Reply
     outcome: Outcome | BaseException
     after: Callable[[Engine, Outcome], Any] | None = None
     result: Any = None
@@ -136,14 +187,24 @@ class TownRunner:
     def enqueue(
         self, command: Command, after: Callable[[Engine, Outcome], Any] | None = None
     ) -> asyncio.Future[Any]:
-        """:meth:`submit` without a coroutine: the future resolves once durable. The hot path
-        (one per client message) uses it with a done-callback instead of a task."""
+        """:meth:`submit` without a coroutine: the future resolves once durable."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._stopped:
             fut.set_exception(_not_serving())
             return fut
         self._inbox.put_nowait(_Item(command, fut, after))
         return fut
+
+    def send(self, command: Command, reply: Callable[[Any, BaseException | None], None]) -> None:
+        """Queue a command; ``reply(outcome, error)`` is called once it is durable (or failed).
+
+        The hot path (one per client message): no task and no future, and the answer goes out
+        with the commit's other frames (:class:`Reply`)."""
+        answer = Reply(reply)
+        if self._stopped:
+            answer.set_exception(_not_serving())
+            return
+        self._inbox.put_nowait(_Item(command, answer))
 
     async def query(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` at a quiet point: everything before it is durable and published."""
@@ -223,6 +284,12 @@ class TownRunner:
             await self._commit(events, notices, done)
 
     async def _commit(self, events: list[Event], notices: list[Notice], done: list[_Done]) -> bool:
+        with sent_together():
+            return await self._commit_sent_together(events, notices, done)
+
+    async def _commit_sent_together(
+        self, events: list[Event], notices: list[Notice], done: list[_Done]
+    ) -> bool:
         if events:
             records = [Record(ev.seq, encode_event(ev)) for ev in events]
             t0 = time.perf_counter()
