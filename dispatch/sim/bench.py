@@ -5,7 +5,7 @@
         --processes 2 --out run.json
 
 It drives the server through the very client code of the demo's simulated devices
-(:class:`dispatch.sim.devices.FieldClient`, on the ``websockets`` client), so the server is always
+(:class:`dispatch.sim.devices.FieldClient`, on websockets' client protocol), so the server is always
 exercised by a client it did not write. Each worker process runs one event loop (uvloop if
 installed) with its share of the devices and screens:
 
@@ -23,9 +23,9 @@ installed) with its share of the devices and screens:
 * **screens** — ``--screens`` websocket clients on ``/ws/screen`` with an admin token, watching
   ``--screen-scope`` (default: the town; ``villages`` spreads them over the town and its
   villages). Every ``event`` frame is counted and its ``seq`` checked (a town screen must see
-  every seq; a village screen a subset, in increasing order). They run websockets' sans-I/O
-  ``ClientProtocol`` straight on the transport (:class:`_LeanScreen`): a thousand screens take
-  more frames than one core of websockets' asyncio client can read.
+  every seq; a village screen a subset, in increasing order). Screens and devices run on
+  :class:`~dispatch.sim.link.Link` (websockets' sans-I/O client straight on the transport): a
+  thousand screens take more frames than one core of websockets' asyncio client can read.
 * **a probe** — one more connection in its own process that sends ``ping`` every 100 ms: the
   ``pong`` is answered in the server's reader, without the town writer or the log, so its round
   trip shows the server's event-loop stalls (``--no-probe`` leaves it out).
@@ -75,7 +75,7 @@ import time
 import tomllib
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
@@ -84,10 +84,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
-from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
-from websockets.uri import parse_uri
+
+from dispatch.sim.link import Link
 
 Json = dict[str, Any]
 
@@ -178,74 +176,6 @@ def _epoch(text: Any) -> float | None:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
         return None
-
-
-class _LeanScreen(asyncio.Protocol):
-    """A screen's connection: websockets' sans-I/O ``ClientProtocol`` fed by the transport.
-
-    The same websockets handshake, frame parser, ping/pong and closing handshake as its asyncio
-    client, without a reader task, a message queue and a stream per connection: on this class
-    of machine it reads a frame in about 60 % of the CPU (measured while building the fan-out
-    benchmark, 10 connections, 300-byte frames), which is what lets one load-generator core
-    count 100,000 deliveries a second. Every text frame goes to ``on_frame``.
-    """
-
-    def __init__(
-        self, url: str, on_frame: Callable[[bytes | bytearray | memoryview], None]
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        self.proto = ClientProtocol(parse_uri(url), max_size=None)
-        self.on_frame = on_frame
-        self.opened: asyncio.Future[None] = loop.create_future()
-        self.closed: asyncio.Future[int | None] = loop.create_future()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        request = self.proto.connect()
-        request.headers["User-Agent"] = "dispatch-bench"
-        self.proto.send_request(request)
-        self._flush()
-
-    def data_received(self, data: bytes) -> None:
-        proto = self.proto
-        proto.receive_data(data)
-        for ev in proto.events_received():
-            if type(ev) is Frame:
-                if ev.opcode is Opcode.TEXT and ev.fin:
-                    self.on_frame(ev.data)
-            elif isinstance(ev, Response) and not self.opened.done():
-                if proto.handshake_exc is not None:
-                    self.opened.set_exception(proto.handshake_exc)
-                else:
-                    self.opened.set_result(None)
-        self._flush()
-
-    def send_text(self, text: str) -> None:
-        self.proto.send_text(text.encode())
-        self._flush()
-
-    def _flush(self) -> None:
-        t = self.transport
-        if t is None:
-            return
-        for data in self.proto.data_to_send():
-            if data:
-                t.write(data)
-            elif t.can_write_eof():
-                t.write_eof()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.proto.receive_eof()
-        if not self.opened.done():
-            self.opened.set_exception(ConnectionError("closed during the handshake"))
-        if not self.closed.done():
-            rcvd = self.proto.close_rcvd
-            self.closed.set_result(rcvd.code if rcvd is not None else None)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 def _iso_now(t: float) -> str:
@@ -626,18 +556,18 @@ class _Worker:
             elif inw:
                 self.window_events += 1
 
-        u = urlsplit(plan.url)
-        conn = _LeanScreen(plan.url + "/ws/screen", on_frame)
+        link: Link | None = None
         try:
             try:
                 async with handshakes:
-                    host, port = u.hostname or "127.0.0.1", u.port or 80
-                    await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), 30)
-                    await asyncio.wait_for(conn.opened, 30)
+                    link = await Link.open(
+                        plan.url + "/ws/screen", on_frame, open_timeout=30, max_size=None,
+                        ping_interval=None, user_agent="dispatch-bench",
+                    )
                     hello: Json = {"type": "hello", "token": token}
                     if scope:
                         hello["scope"] = scope
-                    conn.send_text(json.dumps(hello))
+                    link.send_text(json.dumps(hello).encode())
                     snap = await asyncio.wait_for(first, 60)
                 if snap.type != "snapshot":
                     self.errors[f"screen:{snap.type}"] += 1
@@ -647,13 +577,14 @@ class _Worker:
                 return
             c.screens_up += 1
             try:
-                code = await conn.closed
+                await link.closed
                 if not self.stopping:
-                    self.errors[f"screen:closed:{code if code is not None else 'none'}"] += 1
+                    self.errors[f"screen:closed:{link.close_code}"] += 1
             finally:
                 c.screens_up -= 1
         finally:
-            conn.close()
+            if link is not None:
+                link.abort()
 
     # -- loop lag (the generator's own tail) --
 

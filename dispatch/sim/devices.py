@@ -44,9 +44,9 @@ from typing import Any
 import msgspec
 import shapely
 from shapely.geometry import Polygon, shape
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import WebSocketException
 
+from dispatch.sim.link import Data, Link, LinkClosed
 from dispatch.sim.town import CATEGORIES, M_PER_DEG_LAT, M_PER_DEG_LON, DemoTown
 
 log = logging.getLogger("dispatch.sim")
@@ -134,6 +134,9 @@ class FieldClient:
     responder for good (``fatal`` is then set). ``on_message`` receives every server message
     that is not the answer to a request: ``welcome`` (after each connect), ``offer``,
     ``offer_revoked``, ``assigned``, ``incident`` and ``error``\\ s without a known ``id``.
+
+    The connection is a :class:`~dispatch.sim.link.Link` (websockets' sans-I/O client on the
+    transport): messages are decoded and handled as they arrive, with no task per connection.
     """
 
     def __init__(
@@ -168,13 +171,15 @@ class FieldClient:
         self._max_size = max_size
         self._backoff = backoff
         self._pending: dict[str, _Pending] = {}
-        self._ws: ClientConnection | None = None
+        self._link: Link | None = None  # set once welcomed, until the connection ends
+        self._opening: Link | None = None
+        self._welcomed: asyncio.Future[Json] | None = None
         self._closed = asyncio.Event()
         self._connects = 0
 
     @property
     def connected(self) -> bool:
-        return self._ws is not None
+        return self._link is not None
 
     @property
     def closed(self) -> bool:
@@ -187,12 +192,13 @@ class FieldClient:
 
     async def send(self, msg: Json) -> bool:
         """Send a message that gets no answer; ``False`` when not connected (it is dropped)."""
-        ws = self._ws
-        if ws is None:
+        link = self._link
+        if link is None:
             return False
         try:
-            await ws.send(_encode(msg).decode())
-        except ConnectionClosed:
+            link.send_text(_encode(msg))
+            await link.drain()
+        except LinkClosed:
             return False
         return True
 
@@ -208,10 +214,10 @@ class FieldClient:
         fut.add_done_callback(_consume)  # an answer nobody awaits any more is not an error
         pending = _Pending(_encode(msg), fut)
         self._pending[mid] = pending
-        ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(pending.data.decode())
+        link = self._link
+        if link is not None:
+            with contextlib.suppress(LinkClosed):
+                link.send_text(pending.data)
         try:
             return await asyncio.wait_for(fut, within)
         finally:
@@ -221,21 +227,19 @@ class FieldClient:
     async def close(self) -> None:
         """Stop reconnecting and close the connection (code 1000)."""
         self._closed.set()
-        ws = self._ws
-        if ws is not None:
-            await ws.close()
+        link = self._link or self._opening
+        if link is not None:
+            await link.close()
 
     async def run(self) -> None:
         """Connect, keep connected, reconnect with backoff; return after :meth:`close`."""
         attempt = 0
         while not self.closed:
-            ws: ClientConnection | None = None
+            link: Link | None = None
             try:
-                ws = await self._open()
+                link = await self._open()
                 attempt = 0
-                await self._serve(ws)
-            except ConnectionClosed as exc:
-                self._closed_by_server(exc.rcvd.code if exc.rcvd else None)
+                await self._serve(link)
             except (OSError, TimeoutError, WebSocketException) as exc:
                 self.stats.error("connect")
                 log.debug("! %s connect failed: %r", self.responder, exc)
@@ -243,13 +247,14 @@ class FieldClient:
                 self.stats.error("internal")
                 log.exception("! %s client crashed", self.responder)
             finally:
-                if self._ws is not None:
-                    self._ws = None
+                if self._link is not None:
+                    self._link = None
                     self.stats.connected -= 1
                     self.stats.disconnects += 1
-                if ws is not None:
+                self._opening = None
+                if link is not None:
                     with contextlib.suppress(Exception):
-                        await ws.close()
+                        await link.close()
             if self.closed:
                 break
             lo, hi = self._backoff
@@ -262,53 +267,75 @@ class FieldClient:
                 p.future.set_exception(ConnectionError("client closed"))
         self._pending.clear()
 
-    async def _open(self) -> ClientConnection:
-        """Connect and say hello (under the fleet's handshake limit); returns after welcome."""
+    async def _open(self) -> Link:
+        """Connect and say hello (under the fleet's handshake limit); returns once welcomed."""
         async with self._handshakes or contextlib.nullcontext():
-            ws = await connect(
+            welcomed = self._welcomed = asyncio.get_running_loop().create_future()
+            link = self._opening = await Link.open(
                 self.url,
-                compression=None,
-                proxy=None,
+                self._on_text,
                 open_timeout=self._open_timeout,
                 ping_interval=self._ping_interval,
-                close_timeout=2,
                 max_size=self._max_size,
-                user_agent_header="dispatch-sim",
             )
             try:
                 hello: Json = {"type": "hello", "token": self._token_factory(self.responder)}
                 if self._connects:
                     hello["resume"] = True
-                await ws.send(_encode(hello).decode())
-                raw = await asyncio.wait_for(ws.recv(), self._open_timeout)
-                msg = _decode(raw)
-                if not isinstance(msg, dict) or msg.get("type") != "welcome":
-                    raise WebSocketException(f"expected welcome, got {str(raw)[:200]}")
+                link.send_text(_encode(hello))
+                done, _ = await asyncio.wait(
+                    (welcomed, link.closed),
+                    timeout=self._open_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if welcomed not in done:
+                    if link.closed.done():
+                        self._closed_by_server(link.close_code)
+                        raise ConnectionError(f"closed before welcome ({link.close_code})")
+                    raise TimeoutError("no welcome")
+                welcomed.result()
             except BaseException:
-                await ws.close()
+                if not welcomed.done():
+                    welcomed.cancel()
+                await link.close()
                 raise
         self._connects += 1
-        self.welcome = msg
-        return ws
+        return link
 
-    async def _serve(self, ws: ClientConnection) -> None:
-        self._ws = ws
-        self.stats.connected += 1
+    async def _serve(self, link: Link) -> None:
         self.stats.connects += 1
         log.debug("= %s connected", self.responder)
-        assert self.welcome is not None
-        self._deliver(self.welcome)
         for p in list(self._pending.values()):  # unanswered requests, same ids
-            await ws.send(p.data.decode())
-        async for raw in ws:
-            try:
-                msg = _decode(raw)
-            except msgspec.DecodeError:
-                self.stats.error("bad_json_from_server")
-                continue
-            if isinstance(msg, dict):
-                self._on_message(msg)
-        self._closed_by_server(ws.close_code)
+            link.send_text(p.data)
+        await link.closed
+        self._closed_by_server(link.close_code)
+
+    def _on_text(self, data: Data) -> None:
+        try:
+            msg = _decode(data)
+        except msgspec.DecodeError:
+            self.stats.error("bad_json_from_server")
+            return
+        if not isinstance(msg, dict):
+            return
+        welcomed = self._welcomed
+        if welcomed is not None:  # the first message must be the welcome
+            self._welcomed = None
+            if msg.get("type") != "welcome":
+                if not welcomed.done():
+                    welcomed.set_exception(
+                        WebSocketException(f"expected welcome, got {bytes(data)[:200]!r}")
+                    )
+                return
+            if welcomed.done():  # given up on already
+                return
+            self.welcome = msg
+            self._link = self._opening
+            self.stats.connected += 1
+            welcomed.set_result(msg)
+            self._deliver(msg)  # before anything that came after it
+            return
+        self._on_message(msg)
 
     def _closed_by_server(self, code: int | None) -> None:
         if self._closed.is_set():

@@ -33,6 +33,7 @@ from dispatch.sim.devices import (
     FieldError,
     PatrolBehaviour,
 )
+from dispatch.sim.link import Link, LinkClosed
 from dispatch.sim.town import CATEGORIES, categories_toml, department_skills, generate_demo_town
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -371,3 +372,53 @@ async def test_patrol_behaviour_accepts_arrives_and_resolves() -> None:
         assert all(shapely.contains_xy(area, m["lon"], m["lat"]) for m in positions)
         s = client.stats
         assert (s.offers, s.accepts, s.arrivals, s.resolves) == (1, 1, 1, 1)
+
+
+# -- the devices' websocket link -------------------------------------------------------------
+
+
+async def test_link_reassembles_fragments_and_reports_the_close_code() -> None:
+    got: list[bytes] = []
+
+    async def handler(ws: ServerConnection, seen: list[dict[str, Any]]) -> None:
+        await ws.send(["{\"part\": ", "1}"])  # one message in two frames
+        await ws.send("{\"part\": 2}")
+        await ws.close(4008, "too slow")
+
+    async with _server(handler) as (url, _):
+        link = await Link.open(url, lambda data: got.append(bytes(data)), open_timeout=5)
+        await asyncio.wait_for(link.closed, 5)
+    assert got == [b'{"part": 1}', b'{"part": 2}']
+    assert link.close_code == 4008
+    with pytest.raises(LinkClosed):
+        link.send_text(b"{}")
+
+
+async def test_link_gives_up_on_a_server_that_stops_answering_pings() -> None:
+    async def handler(ws: ServerConnection, seen: list[dict[str, Any]]) -> None:
+        await ws.wait_closed()
+
+    async with _server(handler) as (url, _):
+        link = await Link.open(url, lambda data: None, ping_interval=0.05, ping_timeout=0.1)
+        # websockets' server answers pings by itself: the link stays up while it does
+        await asyncio.sleep(0.3)
+        assert not link.closed.done()
+        link.proto.receive_data = lambda data: None  # type: ignore[method-assign]  # pongs lost
+        await asyncio.wait_for(link.closed, 5)
+    assert link.close_code == 1006
+
+
+async def test_link_open_raises_on_an_http_refusal() -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    def refuse(conn: Any, request: Any) -> Response:
+        return conn.respond(403, "no\n")  # type: ignore[no-any-return]
+
+    async def never(ws: ServerConnection) -> None:
+        pass
+
+    async with serve(never, "127.0.0.1", 0, process_request=refuse) as server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(InvalidStatus):
+            await Link.open(f"ws://127.0.0.1:{port}/ws/field", lambda data: None)
