@@ -31,6 +31,7 @@ from dispatch.server import rest
 from dispatch.server.context import Context
 from dispatch.server.field import field_ws
 from dispatch.server.hub import Hub
+from dispatch.server.keepalive import Keepalive
 from dispatch.server.metrics import Metrics
 from dispatch.server.screen import screen_ws
 from dispatch.server.town import TownRunner
@@ -91,6 +92,7 @@ def create_app(
         runners=runners,
         town_of_responder={rid: data.town_of[r.home_grid] for rid, r in data.roster.items()},
         grids_json=json.dumps(data.gridset.feature_collection, ensure_ascii=False).encode(),
+        keepalive=Keepalive(settings.server.heartbeat),
     )
     app[Context.KEY] = ctx
     app.add_routes(rest.routes())
@@ -243,8 +245,9 @@ def _lifecycle(own_log: bool) -> Any:
                 settings.server.position_flush, settings.server.stats_interval, ctx.clock
             )
         )
+        keepalive = asyncio.create_task(ctx.keepalive.run(), name="keepalive")
         yield
-        for task in (periodic, keeper):
+        for task in (keepalive, periodic, keeper):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

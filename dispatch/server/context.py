@@ -6,6 +6,7 @@ One :class:`Context` per application, stored under ``app[Context.KEY]``.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ from dispatch.clock import Clock
 from dispatch.errors import Rejected
 from dispatch.log.base import EventLog
 from dispatch.server.hub import Hub
+from dispatch.server.keepalive import Keepalive, answer_control
 from dispatch.server.limits import TokenBucket
 from dispatch.server.metrics import Metrics
 from dispatch.server.outbox import Outbox
@@ -37,6 +39,7 @@ class Context:
     """Town id → its ``TownRunner`` (or, in distributed mode, its ``TownSlot``)."""
     town_of_responder: dict[str, str] = field(default_factory=dict)
     connections: set[web.WebSocketResponse] = field(default_factory=set)
+    keepalive: Keepalive = field(default_factory=lambda: Keepalive(0.0))
     stopping: bool = False
     grids_json: bytes = b""
     rest_buckets: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +91,8 @@ def check_origin(request: web.Request, ctx: Context) -> None:
 def ws_response(ctx: Context) -> web.WebSocketResponse:
     s = ctx.settings.server
     return web.WebSocketResponse(
-        heartbeat=s.heartbeat,
+        heartbeat=None,  # ctx.keepalive pings, for every connection at once
+        autoping=False,  # pongs reach the handlers, which tell ctx.keepalive
         compress=False,
         # aiohttp refuses a frame whose length is >= max_msg_size (one byte short of the limit
         # the name promises); PROTOCOL.md allows frames of up to max_message_bytes.
@@ -117,7 +121,10 @@ async def receive_hello(ctx: Context, ws: web.WebSocketResponse, decode: Any) ->
             msg = await ws.receive(timeout=left)
         except TimeoutError:
             continue
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        ctx.keepalive.seen[ws] = time.monotonic()
+        if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+            if await answer_control(ws, msg):
+                continue
             return None
         try:
             hello = decode(msg.data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import structlog
@@ -24,6 +25,7 @@ from dispatch.server.context import (
     ws_response,
 )
 from dispatch.server.hub import notice_frame
+from dispatch.server.keepalive import answer_control
 from dispatch.server.limits import TokenBucket
 from dispatch.server.outbox import Outbox
 from dispatch.wire import messages as m
@@ -38,10 +40,12 @@ async def field_ws(request: web.Request) -> web.WebSocketResponse:
     ws = ws_response(ctx)
     await ws.prepare(request)
     ctx.connections.add(ws)
+    ctx.keepalive.watch(ws)
     try:
         await _session(ctx, ws)
     finally:
         ctx.connections.discard(ws)
+        ctx.keepalive.forget(ws)
     return ws
 
 
@@ -130,13 +134,14 @@ async def _loop(
     clock = ctx.clock
     bucket = TokenBucket(s.rate, s.burst, s.flood_close_after, clock.now())
     received = ctx.metrics.messages.labels("field")
-
-    def engine_of() -> Engine:
-        engine: Engine = runner.engine  # the engine object changes on rebuild and failover
-        return engine
-
+    dirty = ctx.hub.moved_set(town)
+    seen = ctx.keepalive.seen
+    monotonic = time.monotonic
     async for msg in ws:
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        seen[ws] = monotonic()
+        if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+            if await answer_control(ws, msg):
+                continue
             break
         received.inc()
         now = clock.now()
@@ -150,19 +155,32 @@ async def _loop(
             ctx.metrics.errors.labels(rej.code).inc()
             outbox.send(error_message(rej.code, rej.message, rej.message_id))
             continue
-        if isinstance(message, m.Position):
-            ts = min(parse_time(message.ts) or now, now) if message.ts is not None else now
-            engine_of().position(rid, message.lon, message.lat, ts)
-            ctx.hub.moved(town, rid)
-            ctx.position_out(town, rid, message.lon, message.lat, ts)
+        # The hot path (every device, every few seconds): no call that can be saved.
+        if type(message) is m.Position:
+            try:
+                ts = now if message.ts is None else min(parse_time(message.ts) or now, now)
+            except Rejected as rej:
+                outbox.send(error_message(rej.code, rej.message))
+                continue
+            runner.engine.position(rid, message.lon, message.lat, ts)  # a rebuild replaces it
+            dirty.add(rid)
+            if ctx.node is not None:
+                ctx.position_out(town, rid, message.lon, message.lat, ts)
             continue
         if isinstance(message, m.Positions):
+            try:
+                stamps = [
+                    now if item_ts is None else min(parse_time(item_ts) or now, now)
+                    for _lon, _lat, item_ts in message.items
+                ]
+            except Rejected as rej:
+                outbox.send(error_message(rej.code, rej.message))
+                continue
             if message.items:
-                engine = engine_of()
-                for lon, lat, item_ts in message.items:
-                    t = min(parse_time(item_ts) or now, now) if item_ts is not None else now
+                engine = runner.engine
+                for (lon, lat, _ts), t in zip(message.items, stamps, strict=True):
                     engine.position(rid, lon, lat, t)
-                ctx.hub.moved(town, rid)
+                dirty.add(rid)
                 ctx.position_out(town, rid, lon, lat, t)
             continue
         if isinstance(message, m.Ping):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import structlog
@@ -23,6 +24,7 @@ from dispatch.server.context import (
     ws_response,
 )
 from dispatch.server.hub import Screen
+from dispatch.server.keepalive import answer_control
 from dispatch.server.limits import TokenBucket
 from dispatch.server.outbox import Outbox
 from dispatch.server.town import TownRunner
@@ -65,10 +67,12 @@ async def screen_ws(request: web.Request) -> web.WebSocketResponse:
     ws = ws_response(ctx)
     await ws.prepare(request)
     ctx.connections.add(ws)
+    ctx.keepalive.watch(ws)
     try:
         await _session(ctx, ws)
     finally:
         ctx.connections.discard(ws)
+        ctx.keepalive.forget(ws)
     return ws
 
 
@@ -129,8 +133,13 @@ async def _loop(
     bucket = TokenBucket(s.rate, s.burst, s.flood_close_after, ctx.clock.now())
     received = ctx.metrics.messages.labels("screen")
     pending: set[asyncio.Task[None]] = set()  # commands in flight on this connection
+    seen = ctx.keepalive.seen
+    monotonic = time.monotonic
     async for msg in ws:
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        seen[ws] = monotonic()
+        if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+            if await answer_control(ws, msg):
+                continue
             break
         received.inc()
         now = ctx.clock.now()

@@ -152,6 +152,14 @@ async def test_bad_input_each_gets_its_code_and_the_connection_survives(
     await c.send(json.dumps([1, 2, 3]))
     m = await c.wait_for(lambda m: m["type"] == "error")
     assert m["code"] == "bad_message"
+    # a position (no id) whose time is not RFC 3339 is refused by name, and dropped alone
+    for bad in (
+        {"type": "position", "lon": 113.006, "lat": 22.636, "ts": "yesterday"},
+        {"type": "positions", "items": [[113.006, 22.636, None], [113.0, 22.6, "noon"]]},
+    ):
+        await c.send(bad)
+        m = await c.wait_for(lambda m: m["type"] == "error")
+        assert m["code"] == "bad_message" and "RFC 3339" in m["message"], m
     r = await c.request({"type": "status", "status": "available"})
     assert r["type"] == "ack"
     assert c.closed_code is None
@@ -198,6 +206,56 @@ async def test_hello_must_come_first_and_in_time(tmp_path: Path) -> None:
             c = await Client.connect(srv.ws + path)
             await c.send(hello)
             assert await c.closed(timeout=0.9) == 4401, (path, hello)
+    finally:
+        srv.stop()
+
+
+async def test_pings_keep_a_quiet_device_and_drop_a_silent_one(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path, extra='heartbeat = "300ms"')
+    srv.start()
+    try:
+        quiet = await field(srv, "w1", V1A)
+        pong = await quiet.ws.ping()  # the server answers the client's pings too
+        await asyncio.wait_for(pong, 2)
+        # A peer that completes the handshake and then never answers anything.
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(
+            b"GET /ws/field HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        opcodes: list[int] = []
+        close_payload = b""
+        async with asyncio.timeout(5):
+            while 0x8 not in opcodes:  # ping(s), then a close frame
+                first, length = await reader.readexactly(2)
+                payload = await reader.readexactly(length & 0x7F)
+                opcodes.append(first & 0x0F)
+                close_payload = payload
+        assert opcodes[0] == 0x9, opcodes  # pinged first
+        assert int.from_bytes(close_payload[:2], "big") == 1011
+        writer.close()
+        # The quiet device answered every ping (websockets does) and is still served.
+        await asyncio.sleep(1.0)
+        await quiet.send({"type": "ping", "id": "still-there"})
+        await quiet.wait_for(lambda m: m.get("type") == "pong", what="pong")
+        assert quiet.closed_code is None
+        await quiet.close()
+    finally:
+        srv.stop()
+
+
+async def test_a_zero_heartbeat_turns_pings_off(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path, extra='heartbeat = "0s"')
+    srv.start()
+    try:
+        w1 = await field(srv, "w1", V1A)
+        await asyncio.sleep(0.5)  # (aiohttp, given 0, pinged at once and closed every socket)
+        await report(w1, category="sanitation", handled=True)
+        assert w1.closed_code is None
+        await w1.close()
     finally:
         srv.stop()
 
