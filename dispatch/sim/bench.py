@@ -1314,6 +1314,7 @@ def run_bench(args: argparse.Namespace) -> int:
     m0 = m1 = None
     m0_at: float | None = None
     m1_at: float | None = None
+    scrape_ms: float | None = None
     go_sent = False
     stat0 = stat1 = None
     sched0 = sched1 = None
@@ -1385,6 +1386,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 stat1 = machine_cpu()
                 m1_at = time.time()
                 m1 = scrape_metrics(http_base, admin)
+                scrape_ms = (time.time() - m1_at) * 1000
             if server_pid and (not cpu_marks or now - cpu_marks[-1][0] >= 1.0):
                 c_ = proc_cpu(server_pid)
                 if c_ is not None:
@@ -1413,6 +1415,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result = aggregate(args, results, server_pid, cpu_w0, cpu_w1, m0, m1, len(cats), tag)
     if result["server_metrics"] and m0_at is not None and m1_at is not None:
         result["server_metrics"]["span_s"] = round(m1_at - m0_at, 3)
+        result["server_metrics"]["scrape_ms"] = round(scrape_ms or 0.0, 1)
     result["window"] = [w0, w1]
     result["server_cpu_marks"] = [(round(t, 3), round(c, 3)) for t, c in cpu_marks]
     if stat0 and stat1:

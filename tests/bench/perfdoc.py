@@ -305,8 +305,9 @@ def render(runs: dict[str, list[Json]], extra: Json, info: Json,
     w("## How to read the figures")
     w("")
     w("""* **At the client** (`dispatch bench`, `dispatch/sim/bench.py`): every device is a
-  `FieldClient` from `dispatch/sim/devices.py` (the demo's own device code, on the `websockets`
-  client). A report carries its send time in its `description`; the device that receives the
+  `FieldClient` from `dispatch/sim/devices.py` (the demo's own device code, on
+  `dispatch/sim/link.py`: websockets' sans-I/O client protocol straight on the transport, the
+  same for the screens). A report carries its send time in its `description`; the device that receives the
   `offer` (the nearest available one — the generator holds every device) computes
   report→offer itself, and the screens do the same for `incident.reported`. Only reports sent
   inside the measurement window count; the window starts after a warm-up.
@@ -682,6 +683,29 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
                "connections, their positions and the small commits cost more per report there "
                f"({f(get(lat, 'bench', 'server', 'cpu_us_per_report'), 0)} µs of CPU per report "
                "in all) — so its tail is pauses, not a queue."))
+    out.append(
+        "* **What took the tail down at 1,000 reports/s** (each measured by hand before it was "
+        "kept, 2026-12-05, Intel Xeon, report→offer p99 over 20 s windows):"
+        " (1) *checkpoints off the commit path* — SQLite's automatic checkpoint ran inside the "
+        "commit that crossed 1,000 WAL pages, holding every append behind it for its copies "
+        "and two fsyncs: ~4 ms every ~150 ms, clusters of slow samples at that period. "
+        "`dispatch/log/sqlite.py` now checkpoints on its own thread and connection, and the "
+        "writer finishes a round between two groups so the WAL starts over (p99 8.9–11.2 → "
+        "6.6–7.9 ms); bigger, rarer rounds were worse (7.7–9.4 ms), smaller ones no better;"
+        " (2) *a commit's frames leave together, at once* — an offer went out a loop turn "
+        "after its commit and the reporter's ack two (`call_soon`, then a future's callback); "
+        "the town writer now sends inside `outbox.sent_together()` and answers field commands "
+        "through a callback run in the commit (p50 1.47 → 1.35 ms);"
+        " (3) *a lean load generator* — devices ran on websockets' asyncio client; on "
+        "websockets' sans-I/O protocol (`dispatch/sim/link.py`) the generator's core went from "
+        "68–76 % to 58 % busy and its own scheduling from the tail (p99 6.3–7.8 → 4.6–5.3 ms), "
+        "and its workers freeze their heap every 250 ms instead of pausing ~10 ms a second to "
+        "collect 50,000 young objects;"
+        " (4) `dispatch bench` scrapes `/metrics` a second before its window (the statistics "
+        "it renders paused the server's loop at the window's start: *Open opportunities*);"
+        " (5) *one keepalive sweep* instead of aiohttp's heartbeat, which scheduled a callback "
+        "on every received chunk: with (6) a position path without avoidable calls, a "
+        "position's CPU went from ~16 to ~13 µs (ingest 55 % → 71 % of the floor).")
     cats = []
     for name, r in (("saturated report loop", pr), ("10k devices, 1,000 reports/s", ps),
                     ("paced positions", pi)):
@@ -735,15 +759,35 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
             f"events each (an fsync each), and the SQLite writer thread shows in {sq_s:.0f} % of "
             "the server's samples in the steady profile (part of that is waiting for the GIL) "
             "— the group only grows when commits are slow, and the town writer waits for "
-            "each commit before it takes the next batch. Bigger groups trade latency for CPU: "
-            "measured by hand (2026-11-22, AMD EPYC, not part of `make bench`), making the town "
-            "writer linger 1 ms before each batch cut the commits 2.7-fold and the server's "
-            "core from 88 % to 62 % busy, but raised report→offer p50 from 1.4 to 2.1 ms and "
-            "p99 from 5.2 to 9.3 ms (libuv's timers have 1 ms resolution), so it was left out")
+            "each commit before it takes the next batch. Bigger groups trade latency for CPU, "
+            "and the trade has not paid: measured by hand on AMD EPYC (2026-11-22), a 1 ms "
+            "linger before each batch took the server's core from 88 % to 62 % busy but "
+            "report→offer p99 from 5.2 to 9.3 ms; on Intel Xeon (2026-12-05), a precise linger "
+            "of the fsync itself (a C thread's `nanosleep`, only while commits come within 2 ms "
+            "of each other) took CPU per report from 878 to 713 µs (300 µs linger) and 616 µs "
+            "(700 µs) but p99 from 9.2 to 10.2 and 13.1 ms. Also measured and left out "
+            "(2026-12-05, 3 interleaved runs each, not part of `make bench`): writing SQLite on "
+            "the event loop and fsyncing on a C thread that never takes the GIL (no Python "
+            "writer thread): the same CPU (84-88 %), the work only moved, and no better p99 "
+            "(10.3, 7.8, 5.6 ms against 7.7, 6.6, 7.3)")
     wins.append(
         "the town writer is sequential: it handles a batch, waits for the fsync, then "
         "publishes; pipelining (handle batch N+1 while N is made durable, acknowledging "
-        "strictly in order) would overlap the two — a lower priority than the items above")
+        "strictly in order) would overlap the two, but it would not make the groups bigger: "
+        "what arrives during one fsync is one group either way")
+    stats_ms = get(lat, "bench", "server_metrics", "scrape_ms")
+    cases = get(lat, "bench", "counters", "reports_acked")
+    if stats_ms:
+        wins.append(
+            f"statistics are computed on the event loop, over every case of the day: the "
+            f"`/metrics` scrape after the 1,000 reports/s run (about {f(cases, 0)} cases today) "
+            f"took {f(stats_ms, 0)} ms, all of it a pause of the loop, and a town wall screen's "
+            "`stats`, every `stats_interval` (5 s), costs about twice that (measured by hand: "
+            "133 ms for the town, 12 ms for a village, at 25,000 cases). A town of ~1,000 grid "
+            "workers reports ~2,000 cases a day (DOMAIN.md), a tenth of that, but a typhoon day "
+            "would not. `dispatch bench` scrapes a second before its window so that the pause "
+            "stays out of the figures; the fix is to keep the day's KPIs by incident as they "
+            "close (closed cases do not change) instead of walking them all on every read")
     out.append("* **Open opportunities seen in the profiles** (server code; "
                "checked against the working tree when this page was written): "
                + "; ".join(f"({chr(97 + i)}) {w}" for i, w in enumerate(wins)) + ".")
