@@ -782,7 +782,7 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
             f"statistics are computed on the event loop, over every case of the day: the "
             f"`/metrics` scrape after the 1,000 reports/s run (about {f(cases, 0)} cases today) "
             f"took {f(stats_ms, 0)} ms, all of it a pause of the loop, and a town wall screen's "
-            "`stats`, every `stats_interval` (5 s), costs about twice that (measured by hand: "
+            "`stats`, every `stats_interval` (5 s), costs about as much (measured by hand: "
             "133 ms for the town, 12 ms for a village, at 25,000 cases). A town of ~1,000 grid "
             "workers reports ~2,000 cases a day (DOMAIN.md), a tenth of that, but a typhoon day "
             "would not. `dispatch bench` scrapes a second before its window so that the pause "
