@@ -85,7 +85,7 @@ def scenarios(quick: bool) -> list[Scenario]:
               "--duration", d("5", "4"), "--processes", "1", "--connect-rate", "2000",
               "--drain", "1"]
     paced = ["--devices", "500", "--position-every", "0.025", "--rate", "0", "--inflight", "0",
-             "--screens", "0", "--warmup", "1.5", "--duration", d("5", "4"), "--processes", "1",
+             "--screens", "0", "--warmup", "1.5", "--duration", d("8", "4"), "--processes", "1",
              "--no-probe", "--connect-rate", "2000", "--drain", "0.5"]
     loop = ["--devices", "1000", "--rate", "0", "--inflight", "256", "--position-every", "5",
             "--screens", "0", "--warmup", "1.5", "--duration", d("5", "4"), "--processes", "2",
