@@ -246,8 +246,9 @@ def _lifecycle(own_log: bool) -> Any:
             )
         )
         keepalive = asyncio.create_task(ctx.keepalive.run(), name="keepalive")
+        stats = asyncio.create_task(ctx.hub.keep_stats_up(ctx.clock), name="stats-index")
         yield
-        for task in (keepalive, periodic, keeper):
+        for task in (stats, keepalive, periodic, keeper):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

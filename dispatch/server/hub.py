@@ -25,7 +25,7 @@ from dispatch.engine.events import Event, IncidentReported
 from dispatch.server.auth import Principal
 from dispatch.server.metrics import Metrics
 from dispatch.server.outbox import Outbox
-from dispatch.stats import compute_stats
+from dispatch.stats import compute_stats, keep_up
 from dispatch.wire.codec import dumps, event_wire, iso
 from dispatch.wire.objects import incident_obj, responder_obj
 
@@ -285,6 +285,19 @@ class Hub:
                 frame = dumps({"type": "stats", "scope": scope, **stats})
                 for screen in subs:
                     screen.outbox.send(frame)
+
+    async def keep_stats_up(self, clock: Any, every: float = 0.1) -> None:
+        """Let the statistics index file what changed, ten times a second: at 1,000 reports a
+        second that is ~100 closed cases a step, a millisecond or two, where leaving it to a
+        screen's refresh every 5 s made one step of tens of milliseconds."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                t = clock.now()
+                for runner in list(self.runners.values()):
+                    keep_up(runner.engine, t, self.stats_config)
+            except Exception:
+                log.exception("statistics index failed to keep up")
 
     async def run_periodic(self, position_every: float, stats_every: float, clock: Any) -> None:
         next_stats = 0.0

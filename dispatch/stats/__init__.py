@@ -16,7 +16,7 @@ period of the live figures is *today*: the local calendar day (UTC+8 by default)
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from dispatch.engine.model import Town
@@ -40,10 +40,12 @@ from dispatch.stats.index import (
 )
 from dispatch.stats.kpi import (
     LEVEL_KEYS,
-    breakdown,
-    counts,
-    kpi,
-    split,
+    STATUSES,
+    KpiSums,
+    ScopeSums,
+    add_to_groups,
+    case_keys,
+    kpi_of,
 )
 from dispatch.stats.prometheus import METRICS, Sample, metric_families, prometheus_samples
 from dispatch.stats.safety import history, safety_history, safety_map, window_counts
@@ -56,6 +58,7 @@ __all__ = [
     "StatsConfig",
     "compute_stats",
     "config_from_settings",
+    "keep_up",
     "metric_families",
     "prometheus_samples",
     "safety_history",
@@ -88,6 +91,34 @@ def _history_days(idx: StatsIndex, today: int, cfg: StatsConfig) -> list[int]:
     return list(range(max(today - cfg.hotspot_days, idx.first_day), today))
 
 
+def _breakdown(closed: Mapping[str, KpiSums], open_: Mapping[str, KpiSums],
+               keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """kpi.breakdown() from sums: ``keys`` always present, other groups when they have cases."""
+    out: dict[str, dict[str, Any]] = {k: kpi_of() for k in keys}
+    for k in sorted({*closed, *open_}):
+        out[k] = kpi_of(closed.get(k), open_.get(k))
+    return out
+
+
+def _counts(reported: Counter[tuple[str, str]], town: Town) -> dict[str, dict[str, int]]:
+    """kpi.counts() from tallies of (field, value)."""
+    out = {"by_status": dict.fromkeys(STATUSES, 0), "by_level": dict.fromkeys(LEVEL_KEYS, 0),
+           "by_category": dict.fromkeys(sorted(town.categories), 0)}
+    for (what, value), n in reported.items():
+        if n:
+            table = out[f"by_{what}"]
+            table[value] = table.get(value, 0) + n
+    return out
+
+
+def keep_up(engine: EngineLike, now: float, config: StatsConfig | None = None) -> None:
+    """File what changed since the last call (cases reported, closed, reopened). The server
+    calls it a few times a second, so the index's work comes in small steps instead of all at
+    once in a wall screen's refresh or a ``/metrics`` scrape."""
+    cfg = coerce_config(config)
+    index_for(engine, cfg.offset_s, now, cfg.reconcile_every_s)
+
+
 def compute_stats(engine: EngineLike, scope: str, now: float,
                   config: StatsConfig | None = None) -> dict[str, Any]:
     """The statistics of ``scope`` at ``now`` (see the module docstring and
@@ -103,9 +134,10 @@ def compute_stats(engine: EngineLike, scope: str, now: float,
     grid = town.grids.get(scope)
     tree = idx.subtree(scope)
 
-    cases = [inc for inc in idx.period(today) if in_scope(inc)]
-    reported = [inc for inc in cases if start <= inc.reported_at < end]
-
+    # The cases closed today are in the day's ledger; only the open ones are walked here.
+    closed_sums = idx.ledger(today).scope(scope)
+    level = grid.level if grid is not None else 3
+    open_sums = ScopeSums()
     open_by_level = dict.fromkeys(LEVEL_KEYS, 0)
     overdue = 0
     for inc in idx.open.values():
@@ -113,6 +145,11 @@ def compute_stats(engine: EngineLike, scope: str, now: float,
             lv = str(inc.level)
             open_by_level[lv] = open_by_level.get(lv, 0) + 1
             overdue += inc.overdue
+            add_to_groups(open_sums, case_keys(inc, town, level),
+                          lambda k, inc=inc: k.add_open(inc, start, end, now))
+            if start <= inc.reported_at < end:
+                open_sums.reported.update(
+                    (("status", inc.status), ("level", lv), ("category", inc.category)))
 
     day_counts = idx.counts(today)
     scope_cats: Mapping[str, int] = day_counts.categories.get(scope, Counter())
@@ -135,19 +172,20 @@ def compute_stats(engine: EngineLike, scope: str, now: float,
     safety_ids = ([scope, *tree.get(2, []), *tree.get(3, [])] if grid is not None else [])
     safety_ids = list(dict.fromkeys(safety_ids))
 
-    child_level = grid.level + 1 if grid is not None else 4
-    child_key = str(child_level)
-    children = tree.get(child_level, [])
-    by_level, by_category, by_grid, by_department = split(cases, town, child_key)
+    children = tree.get(grid.level + 1 if grid is not None else 4, [])
+    by_level, by_category, by_grid, by_department = (
+        _breakdown(c, o, keys) for c, o, keys in zip(
+            closed_sums.groups(), open_sums.groups(), (LEVEL_KEYS, (), children, ()),
+            strict=True))
 
     return {
         "scope": scope,
         "at": iso(now),
         "day": day_label(today),
-        "counts": counts(reported, town),
+        "counts": _counts(closed_sums.reported + open_sums.reported, town),
         "open_by_level": open_by_level,
         "open_overdue": overdue,
-        "kpi": kpi(cases, start, end, now),
+        "kpi": kpi_of(closed_sums.all, open_sums.all),
         "top_categories": [
             {"category": code, "name": cats[code].name if code in cats else code, "count": n}
             for n, code in top
@@ -174,9 +212,9 @@ def compute_stats(engine: EngineLike, scope: str, now: float,
             for code, c in cats.items()
         },
         "breakdown": {
-            "by_level": breakdown(by_level, start, end, now, LEVEL_KEYS),
-            "by_category": breakdown(by_category, start, end, now),
-            "by_grid": breakdown(by_grid, start, end, now, children),
-            "by_department": breakdown(by_department, start, end, now),
+            "by_level": by_level,
+            "by_category": by_category,
+            "by_grid": by_grid,
+            "by_department": by_department,
         },
     }

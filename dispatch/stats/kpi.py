@@ -24,7 +24,10 @@ For a period ``[start, end)`` (the local day) seen at time ``now``, over a set o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from heapq import merge
 from statistics import median
 from typing import Any
 
@@ -106,6 +109,200 @@ def kpi(cases: Iterable[Incident], start: float, end: float, now: float) -> dict
             "close": _median(close),
         },
     }
+
+
+# -- the same KPIs, kept as cases close ------------------------------------------------------
+#
+# kpi() walks every case of the period on every call: at tens of thousands of cases a day that
+# paused the server's loop for 100+ ms per wall-screen refresh and per /metrics scrape
+# (docs/performance.md). What a *closed* case adds to its closing day's KPIs cannot change while
+# it stays closed, so dispatch.stats.index keeps those contributions per day and scope
+# (KpiSums), updated as cases close and reopen, and a read only walks the open cases. kpi()
+# stays the definition; tests/unit/test_stats.py checks the two agree.
+
+
+@dataclass(slots=True)
+class Closing:
+    """What one case closed inside the period ``[start, end)`` adds to the period's KPIs."""
+
+    reported: bool
+    on_time: bool
+    reworked: bool
+    l32: bool
+    spot: bool
+    durations: tuple[tuple[int, float], ...]
+    """(index into MEDIAN_KEYS, seconds) for each median the case feeds."""
+    level: str
+    """``str(inc.level)``, for the counts of the cases reported in the period."""
+    category: str
+
+
+def closing(inc: Incident, start: float, end: float) -> Closing:
+    """The contribution of ``inc``, closed at a time in ``[start, end)`` (the loop of kpi())."""
+    rep = inc.reported_at
+    durations: list[tuple[int, float]] = []
+    if not inc.handled:
+        c = inc.closed_at
+        assert c is not None
+        durations.extend(_durations(inc, start, end))
+        durations.append((4, c - rep))
+    return Closing(
+        reported=start <= rep < end,
+        on_time=bool(inc.on_time),
+        reworked=inc.reopened > 0,
+        l32=inc.closed_level in (3, 2),
+        spot=bool(inc.handled),
+        durations=tuple(durations),
+        level=str(inc.level),
+        category=inc.category,
+    )
+
+
+def _durations(inc: Incident, start: float, end: float) -> list[tuple[int, float]]:
+    """offer, accept, arrive, resolve (MEDIAN_KEYS 0-3) of a case not handled on the spot."""
+    out: list[tuple[int, float]] = []
+    rep = inc.reported_at
+    o, a, v, r = inc.offered_at, inc.assigned_at, inc.arrived_at, inc.resolved_at
+    if o is not None and start <= o < end:
+        out.append((0, o - rep))
+    if a is not None and o is not None and start <= a < end and a >= o:
+        out.append((1, a - o))
+    if v is not None and a is not None and start <= v < end:
+        out.append((2, v - a))
+    if r is not None and start <= r < end:
+        out.append((3, r - rep))
+    return out
+
+
+@dataclass(slots=True)
+class KpiSums:
+    """kpi()'s counters and duration lists, for adding cases one at a time (and, for closed
+    cases, taking them out again). A ledger's lists are sorted when read (:meth:`ordered`)."""
+
+    reported: int = 0
+    due: int = 0  # cases not closed whose deadline fell in the period; kpi() adds the closed
+    closed: int = 0
+    on_time: int = 0
+    reworked: int = 0
+    l32: int = 0
+    spot: int = 0
+    values: tuple[list[float], ...] = field(default_factory=lambda: ([], [], [], [], []))
+    unsorted: bool = False
+
+    def add_closing(self, c: Closing, sign: int = 1) -> None:
+        self.reported += sign * c.reported
+        self.closed += sign
+        self.on_time += sign * c.on_time
+        self.reworked += sign * c.reworked
+        self.l32 += sign * c.l32
+        self.spot += sign * c.spot
+        if sign > 0:
+            for i, v in c.durations:
+                self.values[i].append(v)
+            if c.durations:
+                self.unsorted = True
+        else:
+            for i, v in c.durations:
+                self.values[i].remove(v)
+
+    def ordered(self) -> tuple[list[float], ...]:
+        """The duration lists, sorted (in place: appended since the last read, a short run
+        after a long sorted one, which sorting merges in linear time)."""
+        if self.unsorted:
+            for values in self.values:
+                values.sort()
+            self.unsorted = False
+        return self.values
+
+    def add_open(self, inc: Incident, start: float, end: float, now: float) -> None:
+        """A case that is not closed (kpi()'s other branch)."""
+        if start <= inc.reported_at < end:
+            self.reported += 1
+        d = inc.deadline
+        if d is not None and start <= d <= now and d < end:
+            self.due += 1
+        if not inc.handled:
+            for i, v in _durations(inc, start, end):
+                self.values[i].append(v)
+
+
+def kpi_of(closed: KpiSums | None = None, live: KpiSums | None = None) -> dict[str, Any]:
+    """kpi()'s result from a ledger's sums (``closed``, lists sorted) and the open cases'."""
+    got = [p for p in (closed, live) if p is not None]
+    n_closed = sum(p.closed for p in got)
+    due = sum(p.due for p in got) + n_closed
+    on_time = sum(p.on_time for p in got)
+    reworked = sum(p.reworked for p in got)
+    l32 = sum(p.l32 for p in got)
+    spot = sum(p.spot for p in got)
+    medians = {}
+    closed_values = closed.ordered() if closed is not None else None
+    for i, key in enumerate(MEDIAN_KEYS):
+        ordered = closed_values[i] if closed_values is not None else []
+        if live is not None and live.values[i]:
+            ordered = list(merge(ordered, sorted(live.values[i])))
+        medians[key] = _median_sorted(ordered)
+    return {
+        "reported": sum(p.reported for p in got),
+        "due": due,
+        "closed": n_closed,
+        "closed_on_time": on_time,
+        "reworked": reworked,
+        "closed_l32": l32,
+        "handled_on_spot": spot,
+        "closure_rate": rate(n_closed, due),
+        "on_time_rate": rate(on_time, due),
+        "rework_rate": rate(reworked, n_closed),
+        "share_closed_l32": rate(l32, n_closed),
+        "share_handled_on_spot": rate(spot, n_closed),
+        "median_s": medians,
+    }
+
+
+def _median_sorted(values: list[float]) -> float | None:
+    """_median() of values already in order (statistics.median's arithmetic, without a sort)."""
+    n = len(values)
+    if not n:
+        return None
+    i = n // 2
+    return round(values[i] if n % 2 else (values[i - 1] + values[i]) / 2, 3)
+
+
+@dataclass(slots=True)
+class ScopeSums:
+    """A scope's sums, whole and by the four breakdowns of compute_stats."""
+
+    all: KpiSums = field(default_factory=KpiSums)
+    by_level: dict[str, KpiSums] = field(default_factory=dict)
+    by_category: dict[str, KpiSums] = field(default_factory=dict)
+    by_grid: dict[str, KpiSums] = field(default_factory=dict)
+    by_department: dict[str, KpiSums] = field(default_factory=dict)
+    reported: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Cases reported in the period, by ("status" | "level" | "category", value)."""
+
+    def groups(self) -> tuple[dict[str, KpiSums], ...]:
+        return self.by_level, self.by_category, self.by_grid, self.by_department
+
+
+def case_keys(inc: Incident, town: Town, grid_level: int) -> tuple[str, str, str | None,
+                                                                   str | None]:
+    """The groups of ``inc`` in a scope of level ``grid_level``: (level, category, child grid,
+    department), as split() files it."""
+    cl = inc.closed_level
+    lv = str(cl) if inc.status == "closed" and cl is not None else str(inc.level)
+    return lv, inc.category, inc.grids.get(str(grid_level + 1)), case_department(inc, town)
+
+
+def add_to_groups(sums: ScopeSums, keys: tuple[str, str, str | None, str | None],
+                  add: Any) -> None:
+    """Apply ``add(KpiSums)`` to the whole scope and to each of ``keys``' groups."""
+    add(sums.all)
+    for groups, key in zip(sums.groups(), keys, strict=True):
+        if key is not None:
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = KpiSums()
+            add(group)
 
 
 def case_level(inc: Incident) -> str:

@@ -15,10 +15,9 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from dispatch.engine.state import Incident
 from dispatch.stats.config import ALERT_GROUPS, StatsConfig, coerce_config
 from dispatch.stats.index import DAY_S, EngineLike, day_of, day_start, index_for
-from dispatch.stats.kpi import LEVEL_KEYS, kpi
+from dispatch.stats.kpi import LEVEL_KEYS, KpiSums, kpi_of
 from dispatch.stats.safety import entry, grid_counts
 
 
@@ -60,17 +59,15 @@ def prometheus_samples(engine: EngineLike, now: float, config: StatsConfig | Non
     end = start + DAY_S
     upper = sorted(gid for gid, g in town.grids.items() if g.level <= 2)
 
-    by_grid: dict[str, list[Incident]] = {gid: [] for gid in upper}
-    for inc in idx.period(today):
-        for key in ("1", "2"):
-            bucket = by_grid.get(inc.grids.get(key, ""))
-            if bucket is not None:
-                bucket.append(inc)
+    ledger = idx.ledger(today)  # the cases closed today; the open ones are walked here
+    open_sums: dict[str, KpiSums] = {gid: KpiSums() for gid in upper}
     open_tally: dict[tuple[str, str], int] = {}
     for inc in idx.open.values():
         for key in ("1", "2"):
-            gid = inc.grids.get(key)
-            if gid in by_grid:
+            gid = inc.grids.get(key, "")
+            sums = open_sums.get(gid)
+            if sums is not None:
+                sums.add_open(inc, start, end, now)
                 gl = (gid, str(inc.level))
                 open_tally[gl] = open_tally.get(gl, 0) + 1
 
@@ -78,7 +75,7 @@ def prometheus_samples(engine: EngineLike, now: float, config: StatsConfig | Non
     out: list[Sample] = []
     for gid in upper:
         g = {"grid": gid}
-        k = kpi(by_grid[gid], start, end, now)
+        k = kpi_of(ledger.scope(gid).all, open_sums[gid])
         found = grid_counts(counts, gid)
         safety = entry(found, town.grids[gid].population, cfg)
         if safety["score"] is not None:

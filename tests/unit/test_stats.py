@@ -37,15 +37,17 @@ from dispatch.stats import (
     StatsConfig,
     compute_stats,
     config_from_settings,
+    keep_up,
     metric_families,
     prometheus_samples,
     safety_history,
+    scope_filter,
 )
 from dispatch.stats import safety as safety_mod
 from dispatch.stats.config import coerce_config
 from dispatch.stats.hotspots import detect
-from dispatch.stats.index import day_label, day_of
-from dispatch.stats.kpi import kpi
+from dispatch.stats.index import DAY_S, StatsIndex, day_label, day_of, day_start
+from dispatch.stats.kpi import LEVEL_KEYS, breakdown, counts, kpi, split
 
 H = 3600.0
 DAY = 86_400.0
@@ -497,6 +499,48 @@ def test_new_state_object_rebuilds_the_index() -> None:
     assert compute_stats(e, "T", NOW)["kpi"]["due"] == 0
 
 
+def by_definition(engine: FakeEngine, scope: str, now: float, cfg: StatsConfig | None = None
+                  ) -> dict[str, Any]:
+    """counts, kpi and breakdown as kpi.py defines them: kpi(), split(), breakdown() and
+    counts() over every case of the day (no ledger), from a fresh index."""
+    c = coerce_config(cfg)
+    idx = StatsIndex(engine.state, engine.town, c.offset_s)
+    idx.sync(now, c.reconcile_every_s)
+    today = day_of(now, c.offset_s)
+    start = day_start(today, c.offset_s)
+    end = start + DAY_S
+    in_scope = scope_filter(engine.town, scope)
+    cases = [inc for inc in idx.period(today) if in_scope(inc)]
+    grid = engine.town.grids.get(scope)
+    child = grid.level + 1 if grid is not None else 4
+    by_level, by_category, by_grid, by_department = split(cases, engine.town, str(child))
+    return {
+        "counts": counts([i for i in cases if start <= i.reported_at < end], engine.town),
+        "kpi": kpi(cases, start, end, now),
+        "breakdown": {
+            "by_level": breakdown(by_level, start, end, now, LEVEL_KEYS),
+            "by_category": breakdown(by_category, start, end, now),
+            "by_grid": breakdown(by_grid, start, end, now, idx.subtree(scope).get(child, [])),
+            "by_department": breakdown(by_department, start, end, now),
+        },
+    }
+
+
+def with_times(inc: Incident, pick: int) -> Incident:
+    """Give a case offer/assign/arrive/resolve times (some, by ``pick``), so medians vary."""
+    t = inc.reported_at
+    if pick % 7 == 0:
+        inc.handled = True
+        return inc
+    inc.offered_at = t + 30 + pick % 97
+    if pick % 3:
+        inc.assigned_at = inc.offered_at + 60 + pick % 13
+        if pick % 5:
+            inc.arrived_at = inc.assigned_at + 300 + pick % 11
+    inc.responder = ("w1", "pol1", None)[pick % 3]
+    return inc
+
+
 OPS = st.lists(st.tuples(st.sampled_from(["add", "close", "reopen", "call"]),
                          st.integers(0, 10_000), st.integers(-3 * 24, 23)), max_size=40)
 
@@ -514,15 +558,25 @@ def test_cached_equals_fresh(ops: list[tuple[str, int, int]], reconcile: bool) -
     clock = DAY0 - 3 * DAY
 
     def check(at: float) -> None:
-        for scope in ("T", "V1", "G21"):
-            assert compute_stats(e, scope, at, cfg) == fresh(e, scope, at, cfg)
+        for scope in ("T", "V1", "G21", "G12", "elsewhere"):
+            got = compute_stats(e, scope, at, cfg)
+            assert got == fresh(e, scope, at, cfg)
+            assert {k: got[k] for k in ("counts", "kpi", "breakdown")} == by_definition(
+                e, scope, at, cfg)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for s in prometheus_samples(e, at, cfg)}
+        for gid in ("T", "V1", "V2"):
+            k = by_definition(e, gid, at, cfg)["kpi"]
+            assert samples[("dispatch_due_today", (("grid", gid),))] == k["due"]
+            assert samples[("dispatch_closed_today", (("grid", gid),))] == k["closed"]
+            assert samples.get(("dispatch_closure_rate", (("grid", gid),))) == k["closure_rate"]
 
     for op, pick, hour in ops:
         at = max(clock, DAY0 + hour * H)
         clock = at
         if op == "add":
-            e.add(mk(cats[pick % 4], grids[pick % 3], at, status="new",
-                     deadline=at + LIMITS[3] * (pick % 5)))
+            e.add(with_times(mk(cats[pick % 4], grids[pick % 3], at, status="new",
+                                deadline=at + LIMITS[3] * (pick % 5)), pick))
         elif op == "close" and e.state.open_ids:
             close(e, e.state.incidents[sorted(e.state.open_ids)[pick % len(e.state.open_ids)]],
                   at)
@@ -533,6 +587,8 @@ def test_cached_equals_fresh(ops: list[tuple[str, int, int]], reconcile: bool) -
                 check(at)
         else:
             check(at)
+        if pick % 2:  # the server's step between reads (Hub.keep_stats_up)
+            keep_up(e, at, cfg)
     check(clock)
 
 
