@@ -148,6 +148,12 @@ def scenarios(quick: bool) -> list[Scenario]:
                   "--processes", "4", "--connect-rate", "500"],
                  what="1,000 screens on the town, 200 devices, 15 reports/s (~8 events each: "
                       "~120 events/s, ~120,000 deliveries/s offered)"),
+        Scenario("issue5-latency-screen", "issue 5's load with the town's wall screen open",
+                 "dispatch", "10k", [*latency[:latency.index("--screens") + 1], "1",
+                                     *latency[latency.index("--screens") + 2:]],
+                 what="the issue5-latency load with one screen watching the town, as a "
+                      "command centre's wall always is: every event, the positions every "
+                      "250 ms and the statistics every 5 s go to it"),
         Scenario("issue5-latency-200", "10,000 devices at 200 reports/s", "dispatch", "10k",
                  [*latency[:5], "200", *latency[6:]],
                  what="the issue5-latency fleet (10,000 devices, positions every 5 s) at the "
