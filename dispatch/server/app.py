@@ -234,10 +234,14 @@ def _lifecycle(own_log: bool) -> Any:
                 seq=runner.engine.state.seq,
                 open=len(runner.engine.state.open_ids),
             )
-        for runner in ctx.runners.values():  # build the statistics index before screens ask
+        # Build the statistics index (and the day's sums of the town and of the gauges' grids)
+        # before the first screen or scrape asks: that first build walks the day's cases.
+        for runner in ctx.runners.values():
+            now = ctx.clock.now()
             for scope in runner.engine.town.grids:
                 if runner.engine.town.grids[scope].level == 1:
-                    compute_stats(runner.engine, scope, ctx.clock.now(), ctx.hub.stats_config)
+                    compute_stats(runner.engine, scope, now, ctx.hub.stats_config)
+            prometheus_samples(runner.engine, now, ctx.hub.stats_config)
         _tune_gc()
         keeper = asyncio.create_task(_gc_keeper(), name="gc-keeper")
         periodic = asyncio.create_task(

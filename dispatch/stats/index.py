@@ -125,14 +125,22 @@ class DayLedger:
         """The sums of ``gid`` (from now on kept up to date)."""
         sums = self.scopes.get(gid)
         if sums is None:
-            sums = self.scopes[gid] = ScopeSums()
-            grid = self.town.grids.get(gid)
-            if grid is not None:
-                key = str(grid.level)
-                for filed in self._filed.values():
-                    if filed[3].get(key) == gid:
-                        self._add(sums, grid.level, filed, 1)
+            self.watch((gid,))
+            sums = self.scopes[gid]
         return sums
+
+    def watch(self, gids: Iterable[str]) -> None:
+        """Keep the sums of ``gids`` from now on (those not kept yet: one pass over the
+        day's closed cases for all of them)."""
+        new = {gid: ScopeSums() for gid in gids if gid not in self.scopes}
+        if not new:
+            return
+        self.scopes.update(new)
+        for filed in self._filed.values():
+            for level_key, gid in filed[3].items():
+                sums = new.get(gid)
+                if sums is not None:
+                    self._add(sums, int(level_key), filed, 1)
 
     def put(self, inc: Incident) -> None:
         """File a closed case (again: a case closed anew replaces what it added before)."""

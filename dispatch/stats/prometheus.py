@@ -60,6 +60,7 @@ def prometheus_samples(engine: EngineLike, now: float, config: StatsConfig | Non
     upper = sorted(gid for gid, g in town.grids.items() if g.level <= 2)
 
     ledger = idx.ledger(today)  # the cases closed today; the open ones are walked here
+    ledger.watch(upper)
     open_sums: dict[str, KpiSums] = {gid: KpiSums() for gid in upper}
     open_tally: dict[tuple[str, str], int] = {}
     for inc in idx.open.values():
