@@ -870,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_at_end"] = loadavg()
     info["code_digest"] = runner.digest or "working tree (no snapshot)"
     info["seconds"] = round(time.time() - started)
+    info["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     info["nice"] = args.nice
     info["repeat"] = repeat
     summ = summary(runs, extra)
