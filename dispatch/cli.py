@@ -210,40 +210,65 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fresh", action="store_true", help="start from an empty event log")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="load generator against a running server")
-    b.add_argument("--url", default="ws://127.0.0.1:8080")
-    b.add_argument("--config", "-c")
-    b.add_argument("--devices", type=int, default=1000)
-    b.add_argument("--rate", type=float, default=200.0, help="reports per second")
-    b.add_argument("--position-every", type=float, default=5.0)
-    b.add_argument("--screens", type=int, default=1)
-    b.add_argument("--duration", type=float, default=30.0)
-    b.add_argument("--processes", type=int, default=1)
+    b = sub.add_parser(
+        "bench",
+        help="load generator against a running server",
+        description="Drive a running server with simulated devices (the demo's own device "
+        "code), reporters and wall screens; print latency and throughput tables and, with "
+        "--out, a JSON file. The devices log in as the roster's grid workers, so --config must "
+        "be the server's config (its secret signs their tokens). `make bench` runs the whole "
+        "set of scenarios and writes docs/performance.md.",
+        epilog="example: dispatch bench -c var/bench/dispatch.toml --url ws://127.0.0.1:8080 "
+        "--devices 10000 --position-every 5 --rate 1000 --screens 1 --processes 4 "
+        "--out run.json",
+    )
+    b.add_argument("--url", default="ws://127.0.0.1:8080",
+                   help="the server's websocket base (ws://127.0.0.1:8080)")
+    b.add_argument("--config", "-c", help="the server's config file (roster, secret, town)")
+    b.add_argument("--devices", type=int, default=1000,
+                   help="connected field devices, from the roster (1000)")
+    b.add_argument("--rate", type=float, default=200.0,
+                   help="reports per second, steady; 0 = closed loop, see --inflight (200)")
+    b.add_argument("--position-every", type=float, default=5.0,
+                   help="seconds between two positions of one device, spread over the fleet "
+                        "(5)")
+    b.add_argument("--screens", type=int, default=1, help="connected wall screens (1)")
+    b.add_argument("--duration", type=float, default=30.0,
+                   help="seconds of the measurement window (30)")
+    b.add_argument("--processes", type=int, default=1,
+                   help="worker processes sharing the devices and screens (1)")
     b.add_argument("--out", default=None, help="JSON results file")
     b.add_argument("--mode", choices=["steady", "ingest"], default="steady",
                    help="steady: positions + reports + screens; ingest: flood positions")
     b.add_argument("--server-pid", type=int, default=None,
                    help="server process for CPU/RSS (default: whoever listens on the port)")
-    b.add_argument("--warmup", type=float, default=3.0, help="seconds before the window")
-    b.add_argument("--drain", type=float, default=3.0, help="seconds to wait for stragglers")
-    b.add_argument("--burst", type=int, default=0, help="send reports in bursts of N ...")
-    b.add_argument("--burst-every", type=float, default=1.0, help="... every S seconds")
+    b.add_argument("--warmup", type=float, default=3.0, help="seconds before the window (3)")
+    b.add_argument("--drain", type=float, default=3.0,
+                   help="seconds to wait for stragglers after it (3)")
+    b.add_argument("--burst", type=int, default=0,
+                   help="send reports in bursts of N instead of steadily ...")
+    b.add_argument("--burst-every", type=float, default=1.0, help="... every S seconds (1)")
     b.add_argument("--inflight", type=int, default=256,
-                   help="with --rate 0: reports outstanding at once (closed loop)")
+                   help="with --rate 0: reports outstanding at once (closed loop) (256)")
     b.add_argument("--max-inflight", type=int, default=5000,
-                   help="steady rate: stop adding reports beyond this many unanswered (shed)")
+                   help="steady rate: stop adding reports beyond this many unanswered (shed) "
+                        "(5000)")
     b.add_argument("--handled-share", type=float, default=0.0,
-                   help="share of reports sent with handled: true (nothing dispatched)")
+                   help="share of reports sent with handled: true (nothing dispatched) (0)")
     b.add_argument("--hold", type=float, default=0.0,
-                   help="seconds an accepted incident is held before resolve")
+                   help="seconds an accepted incident is held before resolve (0)")
     b.add_argument("--no-accept", action="store_true", help="devices ignore offers")
     b.add_argument("--all-categories", action="store_true",
                    help="also report categories that need verification")
     b.add_argument("--screen-scope", default=None,
                    help="grid id the screens watch (default the town; 'villages' = spread)")
-    b.add_argument("--connect-rate", type=float, default=1000.0, help="new connections per s")
-    b.add_argument("--request-timeout", type=float, default=30.0)
-    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--connect-rate", type=float, default=1000.0,
+                   help="new connections per second while the fleet comes up (1000)")
+    b.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds before an unanswered report, accept or resolve counts as an "
+                        "error (30)")
+    b.add_argument("--seed", type=int, default=1,
+                   help="seed of the devices' positions and the reports (1)")
     b.add_argument("--label", default="", help="a name for this run in the table and JSON")
     b.add_argument("--no-gc-freeze", action="store_true",
                    help="leave the generator's garbage collector at its defaults")
