@@ -1,11 +1,11 @@
-# dispatch — make run (demo town), make test (whole suite), make lint, make bench.
+# dispatch — make run (demo town), make test (whole suite), make lint, make bench[-quick].
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint bench conformance clean
+.PHONY: run test lint bench bench-quick conformance clean
 
 # The compiled search of the responder index (dispatch/geo/_speedups.c) is optional for pip,
 # required here: a missing compiler should fail the install, not quietly slow the index down.
@@ -36,6 +36,10 @@ lint: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python -m tests.bench.run_all
+
+# One run of each scenario, shorter windows (~5 minutes): the targets' verdicts, no page.
+bench-quick: $(TEST_STAMP)
+	$(BIN)/python -m tests.bench.run_all --quick --no-doc
 
 conformance: $(STAMP)
 	bash ../shared/conformance/run.sh
