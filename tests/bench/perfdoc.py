@@ -811,7 +811,10 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
             "writer thread): the same CPU (84-88 %), the work only moved, and no better p99 "
             "(10.3, 7.8, 5.6 ms against 7.7, 6.6, 7.3); one `asyncio.sleep(0)` before the "
             "town writer drains its inbox, so that reads already waiting join the batch: 5.3 "
-            "→ 5.5 events a commit and no change in CPU per report (842–855 µs both ways)")
+            "→ 5.5 events a commit and no change in CPU per report (842–855 µs both ways); the "
+            "SQLite writer thread as `SCHED_BATCH`, so that its wake-ups do not preempt the "
+            "event loop: CPU per report 844–850 → 792–810 µs, but p50 1.38–1.45 → 1.57–1.63 ms "
+            "and p99 4.0–4.7 → 4.6–6.9 ms")
     wins.append(
         "the town writer is sequential: it handles a batch, waits for the fsync, then "
         "publishes; pipelining (handle batch N+1 while N is made durable, acknowledging "
