@@ -1276,7 +1276,7 @@ def run_bench(args: argparse.Namespace) -> int:
             rate=args.rate / procs_n, burst=(args.burst // procs_n) if args.burst else 0,
             burst_every=args.burst_every,
             inflight=(-(-args.inflight // procs_n) if args.inflight > 0 else 0)
-            if args.rate <= 0 else max(1, args.max_inflight // procs_n),
+            if args.rate <= 0 and not args.burst else max(1, args.max_inflight // procs_n),
             handled_share=args.handled_share, position_every=args.position_every,
             accept=not args.no_accept, hold=args.hold, warmup=args.warmup,
             duration=args.duration, drain=args.drain,
