@@ -16,6 +16,7 @@ and is driven by ``dispatch bench`` (``dispatch/sim/bench.py``):
 * ``issue2`` — 1,000 devices, a position every 5 s, 200 reports/s steady, one screen.
 * ``issue5-latency`` — 10,000 devices, a position every 5 s, 1,000 reports/s steady.
 * ``issue5-memory`` — 10,000 devices + 50 screens (town and villages), peak RSS.
+* ``issue5-burst`` — 10,000 devices, 2,000 reports at once every 5 s, one town screen.
 * ``fanout`` — 1,000 screens on the town, deliveries per second.
 * ``profile-*`` — the saturated report loop and the 10k-device steady load again, with py-spy
   sampling the server (not used for any headline figure).
@@ -154,6 +155,13 @@ def scenarios(quick: bool) -> list[Scenario]:
                  what="the issue5-latency load with one screen watching the town, as a "
                       "command centre's wall always is: every event, the positions every "
                       "250 ms and the statistics every 5 s go to it"),
+        Scenario("issue5-burst", "a typhoon's burst: 2,000 reports at once", "dispatch", "10k",
+                 ["--devices", "10000", "--position-every", "5", "--rate", "0", "--burst",
+                  "2000", "--burst-every", "5", "--screens", "1", "--warmup", "5",
+                  "--duration", d("20", "10"), "--processes", "4", "--connect-rate", "1000"],
+                 what="10,000 devices (positions every 5 s), one town screen, and every 5 s "
+                      "2,000 reports sent at once (400/s on average), all dispatched, "
+                      "accepted and resolved: how long the last of a burst waits"),
         Scenario("issue5-latency-200", "10,000 devices at 200 reports/s", "dispatch", "10k",
                  [*latency[:5], "200", *latency[6:]],
                  what="the issue5-latency fleet (10,000 devices, positions every 5 s) at the "

@@ -30,7 +30,8 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.
     raise AssertionError("the server did not come up")
 
 
-def test_bench_drives_devices_and_screens_and_counts_every_delivery(tmp_path: Path) -> None:
+def _bench(tmp_path: Path, *args: str) -> dict:  # type: ignore[type-arg]
+    """Serve a 60-worker bench town and run ``dispatch bench`` against it; its JSON."""
     port = free_port()
     config = write_bench_town(tmp_path, 60, server={"port": port})
     server = subprocess.Popen(
@@ -43,16 +44,19 @@ def test_bench_drives_devices_and_screens_and_counts_every_delivery(tmp_path: Pa
         out = tmp_path / "run.json"
         run = subprocess.run(
             [sys.executable, "-m", "dispatch.cli", "bench", "--config", str(config),
-             "--url", f"ws://127.0.0.1:{port}", "--devices", "40", "--position-every", "1",
-             "--rate", "5", "--screens", "3", "--warmup", "1", "--duration", "3",
-             "--processes", "1", "--out", str(out)],
+             "--url", f"ws://127.0.0.1:{port}", *args, "--out", str(out)],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
     finally:
         server.terminate()
         server.wait(timeout=15)
-    doc = json.loads(out.read_text())
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_bench_drives_devices_and_screens_and_counts_every_delivery(tmp_path: Path) -> None:
+    doc = _bench(tmp_path, "--devices", "40", "--position-every", "1", "--rate", "5",
+                 "--screens", "3", "--warmup", "1", "--duration", "3", "--processes", "1")
     c = doc["counters"]
     assert doc["errors"] == {}
     assert c["connected"] == 40 and c["screens_up"] == 3
@@ -64,3 +68,16 @@ def test_bench_drives_devices_and_screens_and_counts_every_delivery(tmp_path: Pa
     lat = doc["latency_ms"]
     assert lat["report_ack"]["n"] > 0 and lat["report_screen"]["n"] > 0
     assert 0 < lat["report_ack"]["p50"] < 1000
+
+
+def test_bench_bursts_send_whole_bursts_and_every_report_is_answered(tmp_path: Path) -> None:
+    """``--burst N --burst-every S``: N reports at once every S seconds (split over the
+    workers), none shed, every one acked."""
+    doc = _bench(tmp_path, "--devices", "40", "--position-every", "5", "--rate", "0",
+                 "--burst", "400", "--burst-every", "2", "--screens", "0", "--warmup", "1",
+                 "--duration", "2", "--processes", "2", "--no-probe")
+    c = doc["counters"]
+    assert doc["errors"] == {}
+    assert c["shed"] == 0
+    assert c["reports_sent"] >= 400 and c["reports_sent"] % 200 == 0  # 200 a worker a burst
+    assert c["reports_acked"] == c["reports_sent"] and c["reports_failed"] == 0
