@@ -939,7 +939,7 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
                "everything queued for a screen in one `transport.write` would cut that. ")
             + (f"{evict} screen(s) were closed as too slow (4008). " if evict else "")
             + ("One commit can publish more events than `queue_limit`: the town writer takes "
-               "up to 512 commands a batch and a dispatched report makes ~8 events (while "
+               "up to 256 commands a batch and a dispatched report makes ~8 events (while "
                "building this benchmark a town screen that was reading was closed with 4008 "
                "after one such batch). `dispatch/server/outbox.py` now closes a screen only "
                "when it is over the limit while its socket is backed up (it is not reading), "
@@ -947,7 +947,7 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
                "(tests/contract/test_outbox.py)."
                if "HARD_LIMIT_FACTOR" in _sources().get("dispatch/server/outbox.py", "") else
                "Note that one commit can publish more events than `queue_limit`: the town "
-               "writer takes up to 512 commands a batch and a dispatched report makes ~8 "
+               "writer takes up to 256 commands a batch and a dispatched report makes ~8 "
                "events, so at saturation a screen can be evicted after one batch however fast "
                "it reads — count the limit in batches or bytes, or cap the batch by events."))
     out.append("")
