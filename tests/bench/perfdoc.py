@@ -793,8 +793,12 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
             "do)")
     if hub >= 8:
         wins.append(
-            f"rendering — hub, wire objects and encoding together {hub:.0f} %: the incident "
-            "object is rebuilt for each notice; build it once per incident per batch")
+            f"rendering and sending — hub, wire objects and encoding together {hub:.0f} % of "
+            "the saturated loop, spread thin: each event's scopes for the hub's ring "
+            "(`Hub._scopes`), each notice's incident object, and one `transport.write` per "
+            "connection per commit. Caching incident objects per batch would not help: a "
+            "dispatched report's notices (its offer, then its resolution) come from different "
+            "commands, in different batches (`notices_for`)")
     if "IncidentReported | ResponderStatus | ResponderPresence" in src.get(
             "dispatch/engine/state.py", ""):
         wins.append(
