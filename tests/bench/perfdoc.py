@@ -858,9 +858,9 @@ def limits_section(runs: dict[str, list[Json]], s: Json) -> str:
             "the index move, `Hub.moved` — on top of what the floor also pays: a socket read and "
             f"a websocket frame (in the flood profile {nat:.0f} % of the samples are native code "
             "under the event loop — uvloop and aiohttp's compiled websocket reader, which py-spy "
-            "cannot see into). Skipping `parse_time` when `ts` is within a second of now (the "
-            "server clamps it to now anyway) and caching the labelled counter are the cheap "
-            "parts of that difference.")
+            "cannot see into). No one item is worth much alone (measured by hand with "
+            "`timeit`: `parse_time` 0.36 µs, the counter's `inc` 0.28 µs; the labelled counter "
+            "is looked up once a connection): the difference is the sum of small steps.")
     g100 = next((x for x in ((get(s, "index") and [s["index"]]) or []) if x), None)
     if g100 and g100.get("n"):
         out.append(
