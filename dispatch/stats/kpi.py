@@ -51,11 +51,7 @@ def _median(values: list[float]) -> float | None:
 def kpi(cases: Iterable[Incident], start: float, end: float, now: float) -> dict[str, Any]:
     """The KPIs of ``cases`` for the period ``[start, end)`` seen at ``now`` (module docstring)."""
     reported = due = closed = on_time = reworked = l32 = spot = 0
-    offer: list[float] = []
-    accept: list[float] = []
-    arrive: list[float] = []
-    resolve: list[float] = []
-    close: list[float] = []
+    values: tuple[list[float], ...] = ([], [], [], [], [])  # MEDIAN_KEYS' order
     for inc in cases:
         rep = inc.reported_at
         if start <= rep < end:
@@ -71,22 +67,15 @@ def kpi(cases: Iterable[Incident], start: float, end: float, now: float) -> dict
             if inc.handled:
                 spot += 1
                 continue
-            close.append(c - rep)
+            values[4].append(c - rep)
         else:
             d = inc.deadline
             if d is not None and start <= d <= now and d < end:
                 due += 1
         if inc.handled:
             continue
-        o, a, v, r = inc.offered_at, inc.assigned_at, inc.arrived_at, inc.resolved_at
-        if o is not None and start <= o < end:
-            offer.append(o - rep)
-        if a is not None and o is not None and start <= a < end and a >= o:
-            accept.append(a - o)
-        if v is not None and a is not None and start <= v < end:
-            arrive.append(v - a)
-        if r is not None and start <= r < end:
-            resolve.append(r - rep)
+        for i, value in _durations(inc, start, end):
+            values[i].append(value)
     due += closed
     return {
         "reported": reported,
@@ -101,13 +90,7 @@ def kpi(cases: Iterable[Incident], start: float, end: float, now: float) -> dict
         "rework_rate": rate(reworked, closed),
         "share_closed_l32": rate(l32, closed),
         "share_handled_on_spot": rate(spot, closed),
-        "median_s": {
-            "offer": _median(offer),
-            "accept": _median(accept),
-            "arrive": _median(arrive),
-            "resolve": _median(resolve),
-            "close": _median(close),
-        },
+        "median_s": {key: _median(values[i]) for i, key in enumerate(MEDIAN_KEYS)},
     }
 
 
@@ -288,9 +271,8 @@ def case_keys(inc: Incident, town: Town, grid_level: int) -> tuple[str, str, str
                                                                    str | None]:
     """The groups of ``inc`` in a scope of level ``grid_level``: (level, category, child grid,
     department), as split() files it."""
-    cl = inc.closed_level
-    lv = str(cl) if inc.status == "closed" and cl is not None else str(inc.level)
-    return lv, inc.category, inc.grids.get(str(grid_level + 1)), case_department(inc, town)
+    return (case_level(inc), inc.category, inc.grids.get(str(grid_level + 1)),
+            case_department(inc, town))
 
 
 def add_to_groups(sums: ScopeSums, keys: tuple[str, str, str | None, str | None],
