@@ -7,8 +7,8 @@ holding it for ever.
 
 aiohttp's own heartbeat does the same per connection, but it pays for it on every message: each
 data chunk schedules a callback that moves the connection's timer, which cost about 1.5 µs of a
-position's ~16 µs (docs/performance.md). Here a message costs one dict store (:meth:`saw`), and
-one sweep every quarter heartbeat looks at every connection.
+position's ~16 µs (docs/performance.md). Here a message costs one store into
+:attr:`Keepalive.seen`, and one sweep every quarter heartbeat looks at every connection.
 """
 
 from __future__ import annotations
